@@ -1,0 +1,539 @@
+#include "engine.h"
+
+#include "ggml-backend.h"
+#include "mtmd-helper.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <stdexcept>
+#include <thread>
+#include <unordered_set>
+
+namespace caprl {
+
+namespace {
+
+int log_threshold = GGML_LOG_LEVEL_WARN;
+
+int parse_log_level(const std::string & s) {
+    if (s == "none") return GGML_LOG_LEVEL_CONT + 1;
+    if (s == "error") return GGML_LOG_LEVEL_ERROR;
+    if (s == "info") return GGML_LOG_LEVEL_INFO;
+    if (s == "debug") return GGML_LOG_LEVEL_DEBUG;
+    return GGML_LOG_LEVEL_WARN;
+}
+
+void log_to_stderr(enum ggml_log_level level, const char * text, void *) {
+    static int last = GGML_LOG_LEVEL_INFO;
+    // CONT lines belong to the previous message's level.
+    const int effective = level == GGML_LOG_LEVEL_CONT ? last : level;
+    if (level != GGML_LOG_LEVEL_CONT) last = level;
+    if (effective == GGML_LOG_LEVEL_NONE || effective < log_threshold) return;
+    fputs(text, stderr);
+}
+
+}  // namespace
+
+int32_t PromptPart::n_cells() const {
+    return media ? (int32_t) mtmd_input_chunk_get_n_tokens(media) : (int32_t) tokens.size();
+}
+
+Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(std::move(sink)) {
+    log_threshold = parse_log_level(opts_.log_level);
+    llama_log_set(log_to_stderr, nullptr);
+    mtmd_helper_log_set(log_to_stderr, nullptr);
+    llama_backend_init();
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = opts_.n_gpu_layers < 0 ? 999 : opts_.n_gpu_layers;
+    model_ = llama_model_load_from_file(opts_.model.c_str(), mp);
+    if (!model_) throw std::runtime_error("failed to load model " + opts_.model);
+    vocab_ = llama_model_get_vocab(model_);
+
+    const uint32_t threads = opts_.n_threads > 0 ? opts_.n_threads : std::max(1u, std::thread::hardware_concurrency());
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = opts_.n_ctx;
+    cp.n_batch = std::max(opts_.n_batch, opts_.max_seqs);
+    cp.n_ubatch = std::min<uint32_t>(cp.n_batch, 512);
+    cp.n_seq_max = opts_.max_seqs;
+    cp.n_threads = threads;
+    cp.n_threads_batch = threads;
+    cp.kv_unified = true;  // one pool of cells shared by all sequences
+    cp.no_perf = true;
+    ctx_ = llama_init_from_model(model_, cp);
+    if (!ctx_) {
+        llama_model_free(model_);
+        throw std::runtime_error("failed to create llama context (n_ctx " + std::to_string(opts_.n_ctx) + ")");
+    }
+    opts_.n_batch = llama_n_batch(ctx_);
+    max_model_len_ = opts_.max_model_len > 0 ? std::min(opts_.max_model_len, llama_n_ctx(ctx_)) : llama_n_ctx(ctx_);
+
+    if (!opts_.mmproj.empty()) {
+        mtmd_context_params mparams = mtmd_context_params_default();
+        mparams.use_gpu = opts_.n_gpu_layers != 0;
+        mparams.n_threads = (int) threads;
+        mparams.print_timings = false;
+        mparams.warmup = false;
+        mtmd_ = mtmd_init_from_file(opts_.mmproj.c_str(), model_, mparams);
+        if (!mtmd_) {
+            llama_free(ctx_);
+            llama_model_free(model_);
+            throw std::runtime_error("failed to load mmproj " + opts_.mmproj);
+        }
+    }
+
+    templates_ = common_chat_templates_init(model_, opts_.chat_template);
+
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+    for (llama_token t = 0; t < n_vocab; t++) {
+        if (llama_vocab_is_eog(vocab_, t)) eog_.push_back(t);
+    }
+
+    info_.chat_template = common_chat_templates_source(templates_.get());
+    info_.media_marker = mtmd_default_marker();
+    info_.n_ctx = llama_n_ctx(ctx_);
+    info_.n_ctx_train = llama_model_n_ctx_train(model_);
+    info_.n_vocab = n_vocab;
+    info_.has_vision = mtmd_ && mtmd_support_vision(mtmd_);
+    for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        size_t free_mem = 0, total_mem = 0;
+        ggml_backend_dev_memory(dev, &free_mem, &total_mem);
+        std::string d = std::string(ggml_backend_dev_name(dev)) + " (" + ggml_backend_dev_description(dev);
+        if (total_mem > 0) d += ", " + std::to_string(total_mem >> 20) + " MiB";
+        info_.devices.push_back(d + ")");
+    }
+
+    batch_ = llama_batch_init((int32_t) opts_.n_batch, 0, 1);
+    for (int32_t i = (int32_t) opts_.max_seqs - 1; i >= 0; i--) free_seq_ids_.push_back(i);
+
+    thread_ = std::thread([this] { loop(); });
+}
+
+Engine::~Engine() {
+    stop();
+    llama_batch_free(batch_);
+    if (mtmd_) mtmd_free(mtmd_);
+    templates_.reset();
+    if (ctx_) llama_free(ctx_);
+    if (model_) llama_model_free(model_);
+}
+
+void Engine::submit(Request && req) {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        inbox_.push_back(std::move(req));
+    }
+    cv_.notify_one();
+}
+
+void Engine::cancel(int64_t id) {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        cancels_.push_back(id);
+    }
+    cv_.notify_one();
+}
+
+void Engine::stop() {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (stopping_ && !thread_.joinable()) return;
+        stopping_ = true;
+    }
+    cv_.notify_one();
+    if (thread_.joinable()) thread_.join();
+}
+
+EngineStats Engine::stats() const {
+    EngineStats s;
+    s.steps = steps_;
+    s.last_batch_seqs = last_batch_seqs_;
+    s.max_batch_seqs = max_batch_seqs_;
+    s.decoded_seqs_total = decoded_seqs_total_;
+    s.running = n_running_;
+    s.waiting = n_waiting_;
+    s.kv_used_cells = kv_used_;
+    s.kv_total_cells = info_.n_ctx;
+    s.prompt_tokens_total = prompt_tokens_total_;
+    s.generation_tokens_total = generation_tokens_total_;
+    return s;
+}
+
+std::vector<llama_token> Engine::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    int32_t n = -llama_tokenize(vocab_, text.data(), (int32_t) text.size(), nullptr, 0, add_special, parse_special);
+    std::vector<llama_token> out(std::max(n, 0));
+    n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special, parse_special);
+    out.resize(std::max(n, 0));
+    return out;
+}
+
+std::string Engine::detokenize(const std::vector<llama_token> & tokens) const {
+    std::string out(tokens.size() * 8 + 16, '\0');
+    int32_t n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(), false, false);
+    if (n < 0) {
+        out.resize(-n);
+        n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(), false, false);
+    }
+    out.resize(std::max(n, 0));
+    return out;
+}
+
+std::string Engine::apply_chat_template(const std::vector<ChatMessage> & messages, bool add_generation_prompt) const {
+    common_chat_templates_inputs in;
+    in.use_jinja = true;
+    in.add_generation_prompt = add_generation_prompt;
+    for (const auto & m : messages) {
+        common_chat_msg msg;
+        msg.role = m.role;
+        msg.content = m.content;
+        in.messages.push_back(std::move(msg));
+    }
+    return common_chat_templates_apply(templates_.get(), in).prompt;
+}
+
+// ---- engine thread ----
+
+void Engine::loop() {
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> lk(mu_);
+            if (stopping_) break;
+            if (running_.empty() && waiting_.empty()) {
+                cv_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty(); });
+                if (stopping_) break;
+            }
+        }
+        step();
+    }
+    // Shutting down: everything live ends as aborted.
+    take_inbox();
+    for (auto & seq : running_) finish(seq, "abort");
+    while (!waiting_.empty()) {
+        Event ev;
+        ev.id = waiting_.front().id;
+        ev.finish = Finish{"abort"};
+        out_.push_back(std::move(ev));
+        waiting_.pop_front();
+    }
+    release_finished();
+    emit(std::move(out_));
+}
+
+void Engine::take_inbox() {
+    std::vector<int64_t> cancels;
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        while (!inbox_.empty()) {
+            waiting_.push_back(std::move(inbox_.front()));
+            inbox_.pop_front();
+        }
+        cancels.swap(cancels_);
+    }
+    if (cancels.empty()) return;
+    std::unordered_set<int64_t> ids(cancels.begin(), cancels.end());
+    for (auto & seq : running_) {
+        if (!seq.finished && ids.count(seq.req.id)) finish(seq, "abort");
+    }
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+        if (ids.count(it->id)) {
+            Event ev;
+            ev.id = it->id;
+            ev.finish = Finish{"abort"};
+            out_.push_back(std::move(ev));
+            it = waiting_.erase(it);
+        } else {
+            ++it;
+        }
+    }
+}
+
+bool Engine::prepare_prompt(Sequence & seq, std::string & error) {
+    const Request & req = seq.req;
+    if (!req.images.empty() && !mtmd_) {
+        error = "this model has no vision encoder (start the server with --mmproj) and cannot take images";
+        return false;
+    }
+    if (!mtmd_) {
+        PromptPart p;
+        p.tokens = tokenize(req.prompt, true, true);
+        seq.parts.push_back(std::move(p));
+    } else {
+        std::vector<mtmd::bitmap> bitmaps;
+        std::vector<const mtmd_bitmap *> ptrs;
+        for (const auto & img : req.images) {
+            if (img.rgb.size() != (size_t) img.width * img.height * 3 || img.width == 0 || img.height == 0) {
+                error = "image buffer does not match its size";
+                return false;
+            }
+            bitmaps.emplace_back(img.width, img.height, img.rgb.data());
+            ptrs.push_back(bitmaps.back().ptr.get());
+        }
+        seq.chunks.reset(mtmd_input_chunks_init());
+        mtmd_input_text text{req.prompt.c_str(), req.prompt.size(), true, true};
+        const int32_t rc = mtmd_tokenize(mtmd_, seq.chunks.get(), &text, ptrs.data(), ptrs.size());
+        if (rc == 1) {
+            error = "the prompt has " + std::string("a different number of image markers than images (") +
+                    std::to_string(req.images.size()) + " images)";
+            return false;
+        }
+        if (rc != 0) {
+            error = "image preprocessing failed";
+            return false;
+        }
+        const size_t n = mtmd_input_chunks_size(seq.chunks.get());
+        for (size_t i = 0; i < n; i++) {
+            const mtmd_input_chunk * c = mtmd_input_chunks_get(seq.chunks.get(), i);
+            PromptPart p;
+            if (mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+                size_t nt = 0;
+                const llama_token * toks = mtmd_input_chunk_get_tokens_text(c, &nt);
+                p.tokens.assign(toks, toks + nt);
+                if (p.tokens.empty()) continue;
+            } else {
+                p.media = c;
+            }
+            seq.parts.push_back(std::move(p));
+        }
+    }
+    for (const auto & p : seq.parts) seq.prompt_cells += p.n_cells();
+    if (seq.prompt_cells == 0) {
+        error = "the prompt is empty";
+        return false;
+    }
+    if (seq.parts.back().media) {
+        error = "the prompt must not end with an image";
+        return false;
+    }
+    if ((uint32_t) seq.prompt_cells >= max_model_len_) {
+        error = "This model's maximum context length is " + std::to_string(max_model_len_) +
+                " tokens. However, your prompt has " + std::to_string(seq.prompt_cells) + " tokens.";
+        return false;
+    }
+    return true;
+}
+
+void Engine::admit() {
+    while (!waiting_.empty() && !free_seq_ids_.empty()) {
+        Sequence seq;
+        seq.req = std::move(waiting_.front());
+        std::string error;
+        if (!prepare_prompt(seq, error)) {
+            waiting_.pop_front();
+            Event ev;
+            ev.id = seq.req.id;
+            ev.finish = Finish{"error", seq.prompt_cells, 0, error};
+            out_.push_back(std::move(ev));
+            continue;
+        }
+        const int64_t want = std::min<int64_t>((int64_t) seq.prompt_cells + std::max(seq.req.sampling.max_tokens, 1),
+                                               (int64_t) max_model_len_);
+        if (reserved_cells_ + want > (int64_t) info_.n_ctx) {
+            // Not enough free cells now: put it back (tokenization is redone later; cheap next to decoding).
+            waiting_.front() = std::move(seq.req);
+            break;
+        }
+        waiting_.pop_front();
+        seq.reserved_cells = (int32_t) want;
+        reserved_cells_ += want;
+        seq.seq_id = free_seq_ids_.back();
+        free_seq_ids_.pop_back();
+        seq.sampler = std::make_unique<Sampler>(vocab_, seq.req.sampling, eog_);
+        seq.text = std::make_unique<TextStream>(seq.req.sampling.stop);
+        seq.pending.id = seq.req.id;
+        prompt_tokens_total_ += seq.prompt_cells;
+        running_.push_back(std::move(seq));
+    }
+}
+
+void Engine::prefill_image(Sequence & seq) {
+    const mtmd_input_chunk * chunk = seq.parts[seq.part].media;
+    if (mtmd_encode_chunk(mtmd_, chunk) != 0) {
+        finish(seq, "error", "the vision encoder failed on this image");
+        return;
+    }
+    float * embd = mtmd_get_output_embd(mtmd_);
+    llama_pos new_n_past = seq.n_past;
+    if (mtmd_helper_decode_image_chunk(mtmd_, ctx_, chunk, embd, seq.n_past, seq.seq_id, (int32_t) opts_.n_batch,
+                                       &new_n_past, nullptr, nullptr) != 0) {
+        finish(seq, "error", "decoding the image embeddings failed");
+        return;
+    }
+    seq.n_past = new_n_past;
+    seq.n_cells += seq.parts[seq.part].n_cells();
+    seq.part++;
+    seq.part_off = 0;
+}
+
+bool Engine::step() {
+    take_inbox();
+    release_finished();
+    admit();
+    n_running_ = (uint32_t) running_.size();
+    n_waiting_ = (uint32_t) waiting_.size();
+    if (running_.empty()) {
+        emit(std::move(out_));
+        return false;
+    }
+
+    // Images first: at most one per step so running sequences keep decoding between encodes.
+    for (auto & seq : running_) {
+        if (!seq.finished && seq.prefilling() && seq.parts[seq.part].media) {
+            prefill_image(seq);
+            break;
+        }
+    }
+
+    // One batch: every decoding sequence's next token, then prompt text up to the budget.
+    batch_.n_tokens = 0;
+    auto add = [&](llama_token tok, llama_pos pos, llama_seq_id sid, bool logits) {
+        const int32_t j = batch_.n_tokens++;
+        batch_.token[j] = tok;
+        batch_.pos[j] = pos;
+        batch_.n_seq_id[j] = 1;
+        batch_.seq_id[j][0] = sid;
+        batch_.logits[j] = logits;
+    };
+    uint32_t decoding = 0;
+    for (auto & seq : running_) {
+        seq.batch_row = -1;
+        if (seq.finished || seq.prefilling()) continue;
+        seq.batch_row = batch_.n_tokens;
+        add(seq.next, seq.n_past, seq.seq_id, true);
+        decoding++;
+    }
+    for (auto & seq : running_) {
+        if (seq.finished || !seq.prefilling() || seq.parts[seq.part].media) continue;
+        const int32_t budget = (int32_t) opts_.n_batch - batch_.n_tokens;
+        if (budget <= 0) break;
+        const auto & toks = seq.parts[seq.part].tokens;
+        const int32_t take = std::min<int32_t>(budget, (int32_t) (toks.size() - seq.part_off));
+        for (int32_t i = 0; i < take; i++) add(toks[seq.part_off + i], seq.n_past + i, seq.seq_id, false);
+        seq.n_past += take;
+        seq.n_cells += take;
+        seq.part_off += take;
+        if (seq.part_off == toks.size()) {
+            seq.part++;
+            seq.part_off = 0;
+            if (!seq.prefilling()) {
+                // Last prompt token: its logits give the first generated token.
+                batch_.logits[batch_.n_tokens - 1] = true;
+                seq.batch_row = batch_.n_tokens - 1;
+            }
+        }
+    }
+
+    if (batch_.n_tokens > 0) {
+        const int32_t rc = llama_decode(ctx_, batch_);
+        if (rc != 0) {
+            const std::string why = rc == 1 ? "the KV cache has no room for this batch" : "llama_decode failed (" + std::to_string(rc) + ")";
+            for (auto & seq : running_) {
+                if (!seq.finished && seq.batch_row >= 0) finish(seq, "error", why);
+            }
+        } else {
+            steps_++;
+            last_batch_seqs_ = decoding;
+            decoded_seqs_total_ += decoding;
+            if (decoding > max_batch_seqs_) max_batch_seqs_ = decoding;
+            sample_outputs();
+        }
+    }
+
+    uint32_t used = 0;
+    for (const auto & seq : running_) used += seq.n_cells;
+    kv_used_ = used;
+    for (auto & seq : running_) {
+        if (!seq.pending.tokens.empty() || !seq.pending.text.empty() || seq.pending.finish) {
+            out_.push_back(std::move(seq.pending));
+            seq.pending = Event{};
+            seq.pending.id = seq.req.id;
+        }
+    }
+    release_finished();
+    emit(std::move(out_));
+    return true;
+}
+
+void Engine::sample_outputs() {
+    for (auto & seq : running_) {
+        if (seq.finished || seq.batch_row < 0) continue;
+        const bool was_decode = seq.n_generated > 0;
+        if (was_decode) {
+            // The token sampled last step was decoded in this batch.
+            seq.n_past++;
+            seq.n_cells++;
+        }
+        const SamplingParams & sp = seq.req.sampling;
+        const bool suppress_eog = sp.ignore_eos || seq.n_generated < sp.min_tokens;
+        TokenLogprob lp;
+        const llama_token tok = seq.sampler->sample(ctx_, seq.batch_row, suppress_eog, sp.logprobs >= 0 ? &lp : nullptr,
+                                                    std::max(sp.logprobs, 0));
+        seq.n_generated++;
+        generation_tokens_total_++;
+
+        const bool is_stop_id = std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), tok) != sp.stop_token_ids.end();
+        if (is_stop_id && seq.n_generated > sp.min_tokens) {
+            Finish f{"stop"};
+            f.stopped_by_token = tok;
+            seq.pending.finish = f;
+            finish(seq, "stop");
+            continue;
+        }
+        if (!suppress_eog && llama_vocab_is_eog(vocab_, tok)) {
+            finish(seq, "stop");
+            continue;
+        }
+        seq.pending.tokens.push_back(tok);
+        if (sp.logprobs >= 0) {
+            seq.pending.logprobs.push_back(std::move(lp));
+            seq.pending.has_logprobs = true;
+        }
+        seq.pending.text += seq.text->push(token_piece(vocab_, tok));
+        if (seq.text->matched()) {
+            finish(seq, "stop");
+            continue;
+        }
+        if (seq.n_generated >= sp.max_tokens || (uint32_t) seq.n_cells + 1 >= max_model_len_) {
+            finish(seq, "length");
+            continue;
+        }
+        seq.next = tok;
+    }
+}
+
+void Engine::finish(Sequence & seq, const std::string & reason, const std::string & error) {
+    if (seq.finished) return;
+    seq.finished = true;
+    seq.pending.text += seq.text ? seq.text->flush() : std::string();
+    Finish f = seq.pending.finish.value_or(Finish{});
+    f.reason = reason;
+    f.prompt_tokens = seq.prompt_cells;
+    f.completion_tokens = seq.n_generated;
+    f.error = error;
+    if (seq.text && seq.text->matched()) f.stopped_by_text = *seq.text->matched();
+    seq.pending.finish = f;
+}
+
+void Engine::release_finished() {
+    for (auto it = running_.begin(); it != running_.end();) {
+        if (!it->finished) {
+            ++it;
+            continue;
+        }
+        if (it->pending.finish) out_.push_back(std::move(it->pending));
+        // Free the sequence's KV cells at once.
+        llama_memory_seq_rm(llama_get_memory(ctx_), it->seq_id, -1, -1);
+        free_seq_ids_.push_back(it->seq_id);
+        reserved_cells_ -= it->reserved_cells;
+        it = running_.erase(it);
+    }
+    n_running_ = (uint32_t) running_.size();
+}
+
+void Engine::emit(std::vector<Event> && events) {
+    if (events.empty()) return;
+    sink_(std::move(events));
+    events.clear();
+}
+
+}  // namespace caprl

@@ -1,0 +1,111 @@
+// The engine: one model, one KV cache, one native thread that runs the scheduler loop.
+// Requests join between steps; each step puts every running sequence's next token and
+// as much prompt as fits into one llama_decode batch (continuous batching).
+#pragma once
+
+#include "chat.h"
+#include "llama.h"
+#include "mtmd.h"
+#include "sequence.h"
+#include "types.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace caprl {
+
+struct EngineInfo {
+    std::string chat_template;
+    std::string media_marker;
+    uint32_t n_ctx = 0;
+    int32_t n_ctx_train = 0;
+    int32_t n_vocab = 0;
+    bool has_vision = false;
+    std::vector<std::string> devices;
+};
+
+struct ChatMessage {
+    std::string role;
+    std::string content;
+};
+
+class Engine {
+  public:
+    using EventSink = std::function<void(std::vector<Event> &&)>;
+
+    // Loads model (and mmproj) and starts the engine thread; throws std::runtime_error on failure.
+    Engine(const EngineOptions & opts, EventSink sink);
+    ~Engine();
+
+    void submit(Request && req);
+    void cancel(int64_t id);
+    // Cancels everything live, stops the thread and joins it. Idempotent.
+    void stop();
+
+    const EngineInfo & info() const { return info_; }
+    EngineStats stats() const;
+    std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    std::string detokenize(const std::vector<llama_token> & tokens) const;
+    std::string apply_chat_template(const std::vector<ChatMessage> & messages, bool add_generation_prompt) const;
+
+  private:
+    void loop();
+    bool step();  // one scheduler step; false when there was nothing to do
+    void take_inbox();
+    void admit();
+    bool prepare_prompt(Sequence & seq, std::string & error);
+    void prefill_image(Sequence & seq);
+    void sample_outputs();
+    void finish(Sequence & seq, const std::string & reason, const std::string & error = "");
+    void release_finished();
+    void emit(std::vector<Event> && events);
+
+    EngineOptions opts_;
+    EventSink sink_;
+    EngineInfo info_;
+
+    llama_model * model_ = nullptr;
+    llama_context * ctx_ = nullptr;
+    const llama_vocab * vocab_ = nullptr;
+    mtmd_context * mtmd_ = nullptr;
+    common_chat_templates_ptr templates_;
+    std::vector<llama_token> eog_;
+    llama_batch batch_{};
+    uint32_t max_model_len_ = 0;
+
+    // Shared with the JS thread.
+    mutable std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<Request> inbox_;
+    std::vector<int64_t> cancels_;
+    bool stopping_ = false;
+    std::thread thread_;
+
+    // Engine thread only.
+    std::deque<Request> waiting_;
+    std::list<Sequence> running_;
+    std::vector<llama_seq_id> free_seq_ids_;
+    int64_t reserved_cells_ = 0;
+    std::vector<Event> out_;
+
+    // Counters read by stats().
+    std::atomic<uint64_t> steps_{0};
+    std::atomic<uint32_t> last_batch_seqs_{0};
+    std::atomic<uint32_t> max_batch_seqs_{0};
+    std::atomic<uint64_t> decoded_seqs_total_{0};
+    std::atomic<uint32_t> n_running_{0};
+    std::atomic<uint32_t> n_waiting_{0};
+    std::atomic<uint32_t> kv_used_{0};
+    std::atomic<uint64_t> prompt_tokens_total_{0};
+    std::atomic<uint64_t> generation_tokens_total_{0};
+};
+
+}  // namespace caprl

@@ -1,0 +1,48 @@
+// One admitted request: its slot in the KV cache, prefill progress, sampler and output stream.
+#pragma once
+
+#include "llama.h"
+#include "mtmd.h"
+#include "sampler.h"
+#include "text-stream.h"
+#include "types.h"
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+namespace caprl {
+
+// A piece of the prompt: text tokens, or an image chunk owned by Sequence::chunks.
+struct PromptPart {
+    std::vector<llama_token> tokens;
+    const mtmd_input_chunk * media = nullptr;
+    int32_t n_cells() const;
+};
+
+struct Sequence {
+    Request req;
+    llama_seq_id seq_id = -1;
+
+    mtmd::input_chunks_ptr chunks;  // keeps media chunks alive
+    std::vector<PromptPart> parts;
+    size_t part = 0;      // next part to prefill
+    size_t part_off = 0;  // tokens of parts[part] already in the batch
+    int32_t prompt_cells = 0;
+    int32_t reserved_cells = 0;  // prompt + max_tokens, capped by max_model_len
+
+    llama_pos n_past = 0;   // position of the next token (M-RoPE images advance it by less than their cells)
+    int32_t n_cells = 0;    // KV cells written
+    llama_token next = -1;  // sampled token to decode in the next step
+    int32_t n_generated = 0;
+    int32_t batch_row = -1; // row of this step's logits, -1 if none
+
+    std::unique_ptr<Sampler> sampler;
+    std::unique_ptr<TextStream> text;
+    Event pending;          // output gathered this step
+    bool finished = false;
+
+    bool prefilling() const { return part < parts.size(); }
+};
+
+}  // namespace caprl

@@ -1,0 +1,98 @@
+// Plain data crossing the JS/C++ boundary (mirrors src/engine/native-types.ts).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace caprl {
+
+struct SamplingParams {
+    float temperature = 1.0f;      // 0 = greedy
+    float top_p = 1.0f;
+    int32_t top_k = 0;             // <= 0 disabled
+    float min_p = 0.0f;
+    float repetition_penalty = 1.0f;
+    float presence_penalty = 0.0f;
+    float frequency_penalty = 0.0f;
+    int64_t seed = -1;             // -1 = random
+    int32_t max_tokens = 16;
+    int32_t min_tokens = 0;
+    bool ignore_eos = false;
+    std::vector<std::string> stop;
+    std::vector<int32_t> stop_token_ids;
+    int32_t logprobs = -1;         // -1 none, 0 chosen token only, N top-N
+};
+
+struct Image {
+    uint32_t width = 0;
+    uint32_t height = 0;
+    std::vector<unsigned char> rgb;  // width * height * 3
+};
+
+struct Request {
+    int64_t id = 0;
+    std::string prompt;
+    std::vector<Image> images;
+    SamplingParams sampling;
+};
+
+struct TopLogprob {
+    int32_t token;
+    std::string text;
+    float logprob;
+};
+
+struct TokenLogprob {
+    int32_t token;
+    std::string text;
+    float logprob;
+    std::vector<TopLogprob> top;
+};
+
+struct Finish {
+    std::string reason;  // stop | length | abort | error
+    int32_t prompt_tokens = 0;
+    int32_t completion_tokens = 0;
+    std::string error;
+    std::optional<std::string> stopped_by_text;
+    std::optional<int32_t> stopped_by_token;
+};
+
+struct Event {
+    int64_t id = 0;
+    std::vector<int32_t> tokens;
+    std::string text;
+    std::vector<TokenLogprob> logprobs;
+    bool has_logprobs = false;
+    std::optional<Finish> finish;
+};
+
+struct EngineOptions {
+    std::string model;
+    std::string mmproj;
+    uint32_t n_ctx = 4096;          // KV pool, in cells, shared by all sequences
+    uint32_t max_model_len = 0;     // per-sequence limit in cells, 0 = n_ctx
+    uint32_t max_seqs = 8;
+    uint32_t n_batch = 512;
+    int32_t n_threads = 0;
+    int32_t n_gpu_layers = -1;
+    std::string chat_template;
+    std::string log_level = "warn";
+};
+
+struct EngineStats {
+    uint64_t steps = 0;
+    uint32_t last_batch_seqs = 0;
+    uint32_t max_batch_seqs = 0;
+    uint64_t decoded_seqs_total = 0;
+    uint32_t running = 0;
+    uint32_t waiting = 0;
+    uint32_t kv_used_cells = 0;
+    uint32_t kv_total_cells = 0;
+    uint64_t prompt_tokens_total = 0;
+    uint64_t generation_tokens_total = 0;
+};
+
+}  // namespace caprl

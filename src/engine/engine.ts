@@ -1,0 +1,119 @@
+// The engine as the rest of JS sees it: one object owning the native engine thread,
+// turning its batched events into one async stream per request.
+import { loadAddon } from './native.js';
+import type {
+  ChatTemplateMessage, EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats,
+  NativeEngine, SamplingParams,
+} from './native-types.js';
+
+export type { EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats, SamplingParams, ChatTemplateMessage };
+
+export interface GenerateInput {
+  prompt: string;
+  images: EngineImage[];
+  sampling: SamplingParams;
+}
+
+/** Events of one request, in order; the last one carries `finish`. */
+export class Generation implements AsyncIterable<EngineEvent> {
+  private queue: EngineEvent[] = [];
+  private wake: (() => void) | null = null;
+  private done = false;
+  /** Time the request was handed to the engine (ms, performance.now()). */
+  readonly submittedAt = performance.now();
+
+  constructor(readonly id: number, private readonly cancelFn: (id: number) => void) {}
+
+  /** Called by Engine when events for this request arrive. */
+  push(ev: EngineEvent): void {
+    this.queue.push(ev);
+    if (ev.finish) this.done = true;
+    const w = this.wake;
+    this.wake = null;
+    w?.();
+  }
+
+  get finished(): boolean {
+    return this.done;
+  }
+
+  /** Stops generation; the stream still ends with a finish event (reason 'abort'). */
+  cancel(): void {
+    if (!this.done) this.cancelFn(this.id);
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<EngineEvent> {
+    for (;;) {
+      const ev = this.queue.shift();
+      if (ev) {
+        yield ev;
+        if (ev.finish) return;
+        continue;
+      }
+      await new Promise<void>((resolve) => (this.wake = resolve));
+    }
+  }
+}
+
+export class Engine {
+  private readonly native: NativeEngine;
+  private readonly live = new Map<number, Generation>();
+  private nextId = 1;
+  private closed = false;
+  readonly info: EngineInfo;
+
+  constructor(options: EngineOptions) {
+    const { Engine: NativeEngineClass } = loadAddon();
+    this.native = new NativeEngineClass(options, (events) => this.dispatch(events));
+    this.info = this.native.info();
+  }
+
+  private dispatch(events: EngineEvent[]): void {
+    for (const ev of events) {
+      const gen = this.live.get(ev.id);
+      if (!gen) continue;
+      if (ev.finish) this.live.delete(ev.id);
+      gen.push(ev);
+    }
+  }
+
+  /** Queues a request. If `signal` aborts, the request is cancelled and its KV cells freed. */
+  generate(input: GenerateInput, signal?: AbortSignal): Generation {
+    if (this.closed) throw new Error('engine is closed');
+    const id = this.nextId++;
+    const gen = new Generation(id, (i) => this.native.cancel(i));
+    this.live.set(id, gen);
+    this.native.submit({ id, prompt: input.prompt, images: input.images, sampling: input.sampling });
+    if (signal) {
+      if (signal.aborted) gen.cancel();
+      else signal.addEventListener('abort', () => gen.cancel(), { once: true });
+    }
+    return gen;
+  }
+
+  get liveCount(): number {
+    return this.live.size;
+  }
+
+  tokenize(text: string, addSpecial = false, parseSpecial = true): number[] {
+    return this.native.tokenize(text, addSpecial, parseSpecial);
+  }
+
+  detokenize(tokens: number[]): string {
+    return this.native.detokenize(tokens);
+  }
+
+  applyChatTemplate(messages: ChatTemplateMessage[], addGenerationPrompt = true): string {
+    return this.native.applyChatTemplate(messages, addGenerationPrompt);
+  }
+
+  stats(): EngineStats {
+    return this.native.stats();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.native.close();
+  }
+}

@@ -1,0 +1,154 @@
+// The whole JS/C++ boundary: what the native addon (native/addon.cpp) takes and gives.
+// Everything here is plain data; the addon validates nothing that JS already validated
+// at the edge (src/entrypoints), but it never trusts sizes it can check cheaply.
+
+/** Options fixed for the life of an engine (one model, one KV cache). */
+export interface EngineOptions {
+  /** Path of the text GGUF. */
+  model: string;
+  /** Path of the mmproj (vision) GGUF; without it, image requests are refused. */
+  mmproj?: string;
+  /** Total KV cache size in tokens, shared by all sequences. */
+  nCtx: number;
+  /** Most sequences decoded at once (slots). */
+  maxSeqs: number;
+  /** Most tokens in one llama_decode batch (prefill chunks + decode tokens). */
+  nBatch: number;
+  /** CPU threads for decode; 0 = llama.cpp's default. */
+  nThreads?: number;
+  /** Layers to offload to the GPU; -1 = all. Ignored on CPU builds. */
+  nGpuLayers?: number;
+  /** Jinja chat template overriding the model's own. */
+  chatTemplate?: string;
+  /** llama.cpp log lines at or above this level reach stderr: 'none' | 'error' | 'warn' | 'info' | 'debug'. */
+  logLevel?: string;
+}
+
+/** Per-request sampling, already validated and defaulted by JS. */
+export interface SamplingParams {
+  /** 0 = greedy. */
+  temperature: number;
+  topP: number;
+  /** 0 or less = disabled. */
+  topK: number;
+  minP: number;
+  repetitionPenalty: number;
+  presencePenalty: number;
+  frequencyPenalty: number;
+  /** -1 = random. */
+  seed: number;
+  maxTokens: number;
+  minTokens: number;
+  ignoreEos: boolean;
+  stop: string[];
+  stopTokenIds: number[];
+  /** Number of top log-probabilities to return per token; -1 = none, 0 = only the chosen token's. */
+  logprobs: number;
+}
+
+/** An RGB image already resized by src/images to the encoder's grid. */
+export interface EngineImage {
+  width: number;
+  height: number;
+  /** width * height * 3 bytes, RGBRGB... */
+  rgb: Buffer;
+}
+
+export interface EngineRequest {
+  /** Caller-chosen id, unique among live requests. */
+  id: number;
+  /** Fully templated prompt; each image stands where the media marker (EngineInfo.mediaMarker) is. */
+  prompt: string;
+  images: EngineImage[];
+  sampling: SamplingParams;
+}
+
+export interface TokenLogprob {
+  token: number;
+  text: string;
+  logprob: number;
+  top: { token: number; text: string; logprob: number }[];
+}
+
+export type FinishReason = 'stop' | 'length' | 'abort' | 'error';
+
+/** A batch of progress for one request; events reach JS in batches, one callback per engine step at most. */
+export interface EngineEvent {
+  id: number;
+  /** Token ids generated since the last event. */
+  tokens: number[];
+  /** Text released since the last event (stop strings and incomplete UTF-8 held back). */
+  text: string;
+  logprobs?: TokenLogprob[];
+  /** Present on the last event of a request. */
+  finish?: {
+    reason: FinishReason;
+    promptTokens: number;
+    completionTokens: number;
+    /** Why the request failed, when reason is 'error'. */
+    error?: string;
+    /** The stop string or token id that ended the request, when one did. */
+    stoppedBy?: string | number;
+  };
+}
+
+export interface EngineStats {
+  /** llama_decode calls made for generation steps. */
+  steps: number;
+  /** Sequences that had a token decoded in the last step. */
+  lastBatchSeqs: number;
+  /** Largest number of sequences decoded together in one step since start. */
+  maxBatchSeqs: number;
+  /** Sum over steps of sequences decoded (tokens generated), for mean batch size. */
+  decodedSeqsTotal: number;
+  running: number;
+  waiting: number;
+  kvUsedCells: number;
+  kvTotalCells: number;
+  promptTokensTotal: number;
+  generationTokensTotal: number;
+}
+
+export interface EngineInfo {
+  /** The model's chat template (or the override). */
+  chatTemplate: string;
+  mediaMarker: string;
+  nCtx: number;
+  nCtxTrain: number;
+  nVocab: number;
+  hasVision: boolean;
+  /** Backend devices in use, e.g. ["CPU"] or ["CUDA0 (NVIDIA H100 80GB HBM3, 81559 MiB)"]. */
+  devices: string[];
+}
+
+export interface ChatTemplateMessage {
+  role: string;
+  /** Text with image parts already replaced by the media marker. */
+  content: string;
+}
+
+/** The addon's Engine class as JS sees it. */
+export interface NativeEngine {
+  info(): EngineInfo;
+  /** Queues a request; events arrive through the onEvents callback given to the constructor. */
+  submit(req: EngineRequest): void;
+  /** Cancels a live request; its final event has reason 'abort'. Unknown ids are ignored. */
+  cancel(id: number): void;
+  tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[];
+  detokenize(tokens: number[]): string;
+  /** Renders messages with the chat template through llama.cpp's common chat code (jinja), as llama-server does. */
+  applyChatTemplate(messages: ChatTemplateMessage[], addGenerationPrompt: boolean): string;
+  stats(): EngineStats;
+  /** Stops the engine thread after cancelling everything live; resolves once it has joined. */
+  close(): Promise<void>;
+}
+
+export interface NativeEngineConstructor {
+  new (options: EngineOptions, onEvents: (events: EngineEvent[]) => void): NativeEngine;
+}
+
+export interface NativeAddon {
+  Engine: NativeEngineConstructor;
+  /** Builds info: llama.cpp commit, CUDA on/off. */
+  buildInfo(): { llamaCommit: string; cuda: boolean; system: string };
+}
