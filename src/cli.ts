@@ -1,0 +1,69 @@
+// The `caprl` command: subcommand dispatch. bin/caprl.js calls main(process.argv.slice(2)).
+import { CliUsageError } from './entrypoints/cli-args.js';
+
+const USAGE = `usage: caprl <command> [options]
+
+commands:
+  serve            serve a model through the OpenAI-compatible API (caprl serve MODEL.gguf --mmproj MMPROJ.gguf)
+  generate-model   write a random-weight GGUF model for tests and benchmarks
+
+Run \`caprl <command> --help\` for a command's options.
+`;
+
+interface GenerateModule {
+  runGenerateModel(argv: string[]): Promise<number>;
+}
+
+async function runGenerateModelCommand(argv: string[]): Promise<number> {
+  // Loaded lazily (and through a variable, so the compiler does not require it to exist):
+  // the generator is only needed by this subcommand.
+  const specifier = './model/generate.js';
+  let mod: GenerateModule;
+  try {
+    mod = (await import(specifier)) as GenerateModule;
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (code === 'ERR_MODULE_NOT_FOUND' && String((err as Error).message).includes('generate.js')) {
+      throw new Error('generate-model is not available in this build (dist/src/model/generate.js is missing)');
+    }
+    throw err;
+  }
+  if (typeof mod.runGenerateModel !== 'function') {
+    throw new Error('generate-model is not available in this build (runGenerateModel is not exported)');
+  }
+  return mod.runGenerateModel(argv);
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case 'serve': {
+        const { runServe } = await import('./entrypoints/openai/serve.js');
+        process.exitCode = await runServe(rest);
+        return;
+      }
+      case 'generate-model':
+        process.exitCode = await runGenerateModelCommand(rest);
+        return;
+      case undefined:
+      case '-h':
+      case '--help':
+      case 'help':
+        process.stdout.write(USAGE);
+        process.exitCode = command === undefined ? 2 : 0;
+        return;
+      default:
+        throw new CliUsageError(`unknown command "${command}"`);
+    }
+  } catch (err) {
+    if (err instanceof CliUsageError) {
+      const prefix = command === 'serve' || command === 'generate-model' ? `caprl ${command}` : 'caprl';
+      process.stderr.write(`${prefix}: error: ${err.message}\n`);
+      process.stderr.write(command === 'serve' ? 'Run `caprl serve --help` for the options.\n' : USAGE);
+      process.exitCode = 2;
+      return;
+    }
+    throw err;
+  }
+}

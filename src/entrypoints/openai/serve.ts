@@ -1,0 +1,216 @@
+// `caprl serve`: the vllm serve replacement. Parses flags, opens the engine (model + mmproj),
+// starts the HTTP server, and shuts down on SIGINT/SIGTERM: the first signal stops accepting
+// and lets running requests finish, a second one cancels them.
+import { existsSync, readFileSync, statSync } from 'node:fs';
+import { Engine } from '../../engine/engine.js';
+import type { EngineOptions } from '../../engine/native-types.js';
+import { CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
+import { buildServer } from './server.js';
+
+export const SERVE_DEFAULTS = {
+  port: 8000,
+  maxModelLen: 8192,
+  kvCacheTokens: 32768,
+  maxNumSeqs: 16,
+  maxNumBatchedTokens: 2048,
+  threads: 0,
+  nGpuLayers: -1,
+  logLevel: 'info',
+} as const;
+
+export const SERVE_SPEC: CommandSpec = {
+  usage: 'caprl serve',
+  summary: 'Serve a CapRL / Qwen2.5-VL GGUF through an OpenAI-compatible API (like `vllm serve`).',
+  positionals: [{ dest: 'modelTag', metavar: 'MODEL', help: 'path of the text model GGUF (same as --model)' }],
+  flags: [
+    { name: 'model', type: 'string', dest: 'model', metavar: 'PATH', help: 'path of the text model GGUF' },
+    { name: 'mmproj', type: 'string', dest: 'mmproj', metavar: 'PATH', help: 'path of the vision projector GGUF; without it image requests are refused' },
+    { name: 'host', type: 'string', dest: 'host', help: 'address to listen on (default: all interfaces, as vLLM)' },
+    { name: 'port', type: 'int', dest: 'port', help: `port to listen on (default: ${SERVE_DEFAULTS.port})` },
+    { name: 'served-model-name', type: 'strings', dest: 'servedModelName', metavar: 'NAME', help: 'model name(s) clients use in `model`; the first is the default (default: the model path)' },
+    { name: 'max-model-len', type: 'int', dest: 'maxModelLen', help: `context length per request, prompt + completion, in tokens (default: ${SERVE_DEFAULTS.maxModelLen})` },
+    { name: 'kv-cache-tokens', type: 'int', dest: 'kvCacheTokens', help: `KV cache size in tokens, shared by all running requests (default: max(${SERVE_DEFAULTS.kvCacheTokens}, --max-model-len))` },
+    { name: 'max-num-seqs', type: 'int', dest: 'maxNumSeqs', help: `most requests decoded together (default: ${SERVE_DEFAULTS.maxNumSeqs})` },
+    { name: 'max-num-batched-tokens', type: 'int', dest: 'maxNumBatchedTokens', help: `most tokens in one engine step (default: ${SERVE_DEFAULTS.maxNumBatchedTokens})` },
+    { name: 'threads', type: 'int', dest: 'threads', help: 'CPU threads (default: 0 = llama.cpp picks)' },
+    { name: 'n-gpu-layers', type: 'int', dest: 'nGpuLayers', help: 'layers offloaded to the GPU, -1 = all (default: -1; ignored on CPU builds)' },
+    { name: 'chat-template', type: 'string', dest: 'chatTemplate', metavar: 'FILE_OR_TEMPLATE', help: "jinja chat template overriding the model's: a file path or the template itself" },
+    { name: 'seed', type: 'int', dest: 'seed', help: 'server-wide seed: requests without `seed` draw reproducible seeds from it' },
+    { name: 'uvicorn-log-level', type: 'string', dest: 'logLevel', choices: ['critical', 'error', 'warning', 'info', 'debug', 'trace'], help: `HTTP server log level (default: ${SERVE_DEFAULTS.logLevel})` },
+  ],
+};
+
+export interface ServeConfig {
+  model: string;
+  mmproj?: string;
+  host?: string;
+  port: number;
+  servedModelNames: string[];
+  maxModelLen: number;
+  kvCacheTokens: number;
+  maxNumSeqs: number;
+  maxNumBatchedTokens: number;
+  threads: number;
+  nGpuLayers: number;
+  chatTemplate?: string;
+  seed?: number;
+  logLevel: string;
+}
+
+/**
+ * --chat-template as vLLM reads it: a readable file is read; otherwise, a value with jinja-ish
+ * characters ({, }, newline) is the template itself (with \n-style escapes decoded), and
+ * anything else is a path that failed to open.
+ */
+export function resolveChatTemplate(value: string): string {
+  try {
+    if (existsSync(value) && statSync(value).isFile()) return readFileSync(value, 'utf8');
+  } catch {
+    // fall through: not a readable file
+  }
+  if (!/[{}\n]/.test(value)) {
+    throw new CliUsageError(`the chat template "${value}" looks like a file path, but it could not be opened`);
+  }
+  return value.replace(/\\(n|t|r|\\|"|')/g, (_m, c: string) => ({ n: '\n', t: '\t', r: '\r' } as Record<string, string>)[c] ?? c);
+}
+
+function int(values: Record<string, ParsedValue>, key: string): number | undefined {
+  const v = values[key];
+  return typeof v === 'number' ? v : undefined;
+}
+
+function str(values: Record<string, ParsedValue>, key: string): string | undefined {
+  const v = values[key];
+  return typeof v === 'string' ? v : undefined;
+}
+
+const FASTIFY_LEVELS: Record<string, string> = {
+  critical: 'fatal', error: 'error', warning: 'warn', info: 'info', debug: 'debug', trace: 'trace',
+};
+
+/** Flags -> a checked configuration. Throws CliUsageError for anything a user must fix. */
+export function serveConfigFromArgs(values: Record<string, ParsedValue>): ServeConfig {
+  const tag = str(values, 'modelTag');
+  const flagModel = str(values, 'model');
+  if (tag && flagModel && tag !== flagModel) {
+    throw new CliUsageError(`the model is given twice, as "${tag}" and as --model "${flagModel}"`);
+  }
+  const model = tag ?? flagModel;
+  if (!model) throw new CliUsageError('a model is required: caprl serve MODEL.gguf --mmproj MMPROJ.gguf');
+  if (!existsSync(model)) throw new CliUsageError(`model file not found: ${model}`);
+  const mmproj = str(values, 'mmproj');
+  if (mmproj !== undefined && !existsSync(mmproj)) throw new CliUsageError(`mmproj file not found: ${mmproj}`);
+
+  const positive = (key: string, flag: string, def: number): number => {
+    const v = int(values, key) ?? def;
+    if (v < 1) throw new CliUsageError(`argument --${flag}: must be at least 1, got ${v}`);
+    return v;
+  };
+  const port = int(values, 'port') ?? SERVE_DEFAULTS.port;
+  if (port < 0 || port > 65535) throw new CliUsageError(`argument --port: must be in [0, 65535], got ${port}`);
+  const maxModelLen = positive('maxModelLen', 'max-model-len', SERVE_DEFAULTS.maxModelLen);
+  const kvCacheTokens = positive('kvCacheTokens', 'kv-cache-tokens', Math.max(SERVE_DEFAULTS.kvCacheTokens, maxModelLen));
+  if (kvCacheTokens < maxModelLen) {
+    throw new CliUsageError(`--kv-cache-tokens (${kvCacheTokens}) must be at least --max-model-len (${maxModelLen})`);
+  }
+  const threads = int(values, 'threads') ?? SERVE_DEFAULTS.threads;
+  if (threads < 0) throw new CliUsageError(`argument --threads: must be non-negative, got ${threads}`);
+  const chatTemplateRaw = str(values, 'chatTemplate');
+  const served = values.servedModelName;
+  return {
+    model,
+    mmproj,
+    host: str(values, 'host'),
+    port,
+    servedModelNames: Array.isArray(served) && served.length > 0 ? served : [model],
+    maxModelLen,
+    kvCacheTokens,
+    maxNumSeqs: positive('maxNumSeqs', 'max-num-seqs', SERVE_DEFAULTS.maxNumSeqs),
+    maxNumBatchedTokens: positive('maxNumBatchedTokens', 'max-num-batched-tokens', SERVE_DEFAULTS.maxNumBatchedTokens),
+    threads,
+    nGpuLayers: int(values, 'nGpuLayers') ?? SERVE_DEFAULTS.nGpuLayers,
+    chatTemplate: chatTemplateRaw === undefined ? undefined : resolveChatTemplate(chatTemplateRaw),
+    seed: int(values, 'seed'),
+    logLevel: FASTIFY_LEVELS[str(values, 'logLevel') ?? SERVE_DEFAULTS.logLevel] ?? 'info',
+  };
+}
+
+/** EngineOptions for a config. maxModelLen is the addon's per-sequence limit (not yet in EngineOptions' type). */
+export function engineOptionsFor(cfg: ServeConfig): EngineOptions & { maxModelLen: number } {
+  return {
+    model: cfg.model,
+    mmproj: cfg.mmproj,
+    nCtx: cfg.kvCacheTokens,
+    maxModelLen: cfg.maxModelLen,
+    maxSeqs: cfg.maxNumSeqs,
+    nBatch: cfg.maxNumBatchedTokens,
+    nThreads: cfg.threads,
+    nGpuLayers: cfg.nGpuLayers,
+    chatTemplate: cfg.chatTemplate,
+  };
+}
+
+/** Runs `caprl serve ARGS`; resolves with the exit code once the server has shut down. */
+export async function runServe(argv: readonly string[]): Promise<number> {
+  const parsed = parseArgs(SERVE_SPEC, argv);
+  if (parsed.help) {
+    process.stdout.write(formatHelp(SERVE_SPEC));
+    return 0;
+  }
+  const cfg = serveConfigFromArgs(parsed.values);
+
+  const engine = new Engine(engineOptionsFor(cfg));
+  const app = buildServer({
+    engine,
+    servedModelNames: cfg.servedModelNames,
+    modelPath: cfg.model,
+    maxModelLen: cfg.maxModelLen,
+    seed: cfg.seed,
+    logger: { level: cfg.logLevel },
+  });
+  const info = engine.info;
+  if (cfg.mmproj && !info.hasVision) app.log.warn(`${cfg.mmproj} loaded but reports no vision support`);
+  if (!cfg.mmproj) app.log.warn('no --mmproj given: image requests will be refused');
+
+  let address: string;
+  try {
+    address = await app.listen({ host: cfg.host, port: cfg.port });
+  } catch (err) {
+    await engine.close();
+    throw err;
+  }
+  app.log.info(
+    `serving ${cfg.servedModelNames.map((n) => `"${n}"`).join(', ')} on ${address}/v1 ` +
+    `(model ${cfg.model}${cfg.mmproj ? ` + ${cfg.mmproj}` : ''}; max_model_len ${Math.min(cfg.maxModelLen, info.nCtx)}, ` +
+    `KV cache ${info.nCtx} tokens, ${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'})`,
+  );
+
+  return new Promise<number>((resolve) => {
+    let stopping = false;
+    const onSignal = (signal: NodeJS.Signals): void => {
+      if (stopping) {
+        app.log.warn(`${signal} again: cancelling running requests`);
+        void engine.close();
+        return;
+      }
+      stopping = true;
+      app.log.info(`${signal}: shutting down (finishing running requests; send it again to cancel them)`);
+      void (async () => {
+        let code = 0;
+        try {
+          await app.close();
+        } catch (err) {
+          app.log.error({ err }, 'error while closing the HTTP server');
+          code = 1;
+        }
+        await engine.close();
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+        app.log.info('shut down');
+        resolve(code);
+      })();
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+}
