@@ -68,7 +68,7 @@ export function decodeImageDataUri(url: string): DecodedImageBytes {
   if (data.length === 0) {
     throw new ImageInputError('invalid_base64', 'the data URI carries no data');
   }
-  if (!BASE64_RE.test(data) || data.length % 4 === 1) {
+  if (!BASE64_RE.test(data) || data.length % 4 === 1 || (data.endsWith('=') && data.length % 4 !== 0)) {
     throw new ImageInputError('invalid_base64', 'the data URI payload is not valid base64');
   }
   const bytes = Buffer.from(data, 'base64');
