@@ -13,7 +13,8 @@
 //   passes through llama.cpp unchanged. HF's defaults are wider (3136 .. 12845056), so with
 //   the HF defaults an image above 3211264 px (or below 6272 px) would be resized a second
 //   time by llama.cpp unless the engine raises its token limits to 4 .. 16384.
-//   LLAMA_CPP_QWEN25VL_LIMITS below holds llama.cpp's numbers for callers that need them.
+//   LLAMA_CPP_QWEN25VL_LIMITS below holds llama.cpp's numbers; the server resizes with them by
+//   default (src/entrypoints/openai/server.ts) so the engine never resizes a second time.
 
 export const QWEN_FACTOR = 28;
 /** transformers Qwen2VLImageProcessor defaults (CapRL-3B's preprocessor_config.json: the same). */

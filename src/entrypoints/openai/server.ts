@@ -4,6 +4,7 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import type { Engine } from '../../engine/engine.js';
 import type { PrepareOptions } from '../../images/prepare.js';
+import { LLAMA_CPP_QWEN25VL_LIMITS } from '../../images/qwen-resize.js';
 import { createChatCompletionHandler } from './chat.js';
 import { notFound, toApiError } from './errors.js';
 import type { ModelList } from './protocol.js';
@@ -18,6 +19,12 @@ export interface ServerOptions {
   maxModelLen?: number;
   /** Largest request body in bytes (base64 images are large); default 64 MiB. */
   bodyLimit?: number;
+  /**
+   * Image resize limits. Default: llama.cpp mtmd's Qwen2.5-VL limits (6272 .. 3211264 px), the
+   * ones the engine applies, so what we send is never resized again and our prompt-token count
+   * is exact. HF/vLLM use 3136 .. 12845056; those need the engine to raise mtmd's
+   * image_min_tokens / image_max_tokens to 4 / 16384 first.
+   */
   imageOptions?: PrepareOptions;
   /** Server-wide seed: requests without `seed` get seeds drawn from it, in arrival order (vLLM --seed). */
   seed?: number;
@@ -58,7 +65,7 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
     engine,
     servedModelNames: opts.servedModelNames,
     maxModelLen,
-    imageOptions: opts.imageOptions,
+    imageOptions: opts.imageOptions ?? { ...LLAMA_CPP_QWEN25VL_LIMITS },
     seed: opts.seed,
     isAccepting: () => accepting,
   }));
