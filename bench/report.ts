@@ -1,0 +1,123 @@
+// Benchmark results: the JSON document and its markdown table.
+import type { MachineInfo } from './servers.js';
+import type { LevelSummary } from './stats.js';
+
+export interface ServerRecord {
+  name: string;
+  command?: string;
+  args?: string[];
+  baseUrl: string;
+  loadSeconds?: number;
+  /** VmHWM of the server process at the end (peak RSS over its life), MiB. */
+  peakRssMiB?: number;
+}
+
+export interface LevelRecord extends LevelSummary {
+  server: string;
+  /** 0 = ran first at this level, 1 = second. */
+  order: number;
+  /** Peak RSS sampled during this level (MiB). */
+  rssPeakMiB?: number;
+  /** Peak GPU memory of the server process during this level (MiB, nvidia-smi). */
+  gpuPeakMiB?: number;
+}
+
+export interface BenchReport {
+  version: 1;
+  startedAt: string;
+  finishedAt?: string;
+  machine: MachineInfo;
+  config: {
+    model?: string;
+    mmproj?: string;
+    prompt: string;
+    imageSizes: string[];
+    outputTokens: number;
+    concurrency: number[];
+    requestsPerLevel: number[];
+    slots?: number;
+    ctxPerSlot?: number;
+    threads?: number;
+    nGpuLayers?: number;
+    warmup: number;
+  };
+  servers: ServerRecord[];
+  levels: LevelRecord[];
+  notes: string[];
+}
+
+const fmt = (x: number | undefined, digits = 2) => (x === undefined || !Number.isFinite(x) ? '–' : x.toFixed(digits));
+const ratio = (a: number | undefined, b: number | undefined) =>
+  a === undefined || b === undefined || !Number.isFinite(a) || !Number.isFinite(b) || b === 0 ? '–' : `${(a / b).toFixed(2)}x`;
+
+interface Column {
+  title: string;
+  get: (l: LevelRecord) => number | undefined;
+  digits: number;
+}
+
+const COLUMNS: Column[] = [
+  { title: 'captions/s', get: (l) => l.captionsPerS, digits: 2 },
+  { title: 'out tok/s', get: (l) => l.outputTokensPerS, digits: 1 },
+  { title: 'TTFT p50 s', get: (l) => l.ttftMs.p50 / 1000, digits: 3 },
+  { title: 'TTFT p99 s', get: (l) => l.ttftMs.p99 / 1000, digits: 3 },
+  { title: 'TPOT p50 ms', get: (l) => l.tpotMs.p50, digits: 2 },
+  { title: 'TPOT p99 ms', get: (l) => l.tpotMs.p99, digits: 2 },
+  { title: 'ITL p99 ms', get: (l) => l.itlMs.p99, digits: 2 },
+];
+
+/** The markdown report: header, one row per (level, server), and a ratio row where two servers ran. */
+export function markdownReport(r: BenchReport): string {
+  const names = [...new Set(r.levels.map((l) => l.server))];
+  const [ours, theirs] = names.includes('caprl') && names.length > 1 ? ['caprl', names.find((n) => n !== 'caprl')!] : [names[0], names[1]];
+  const lines: string[] = [];
+  lines.push(`# caprl-serve benchmark: ${r.machine.label}`);
+  lines.push('');
+  lines.push(`- started ${r.startedAt}${r.finishedAt ? `, finished ${r.finishedAt}` : ' (in progress)'}; host ${r.machine.hostname}, ${r.machine.memoryGiB} GiB RAM`);
+  if (r.config.model) lines.push(`- model \`${r.config.model}\`, mmproj \`${r.config.mmproj ?? '–'}\``);
+  lines.push(`- workload: prompt "${r.config.prompt}", images ${r.config.imageSizes.join(', ')} (synthetic JPEG, unique per request), ` +
+    `${r.config.outputTokens} output tokens forced (ignore_eos, min_tokens = max_tokens), greedy, streaming`);
+  lines.push(`- concurrency ${r.config.concurrency.join(', ')}; requests per level ${r.config.requestsPerLevel.join(', ')}; ` +
+    `warm-up ${r.config.warmup} request(s) per server` +
+    (r.config.slots ? `; slots ${r.config.slots}, context ${r.config.ctxPerSlot} tokens per slot` : '') +
+    (r.config.threads ? `, ${r.config.threads} threads` : ''));
+  for (const s of r.servers) {
+    lines.push(`- ${s.name}: ${s.command ? `\`${[s.command, ...(s.args ?? [])].join(' ')}\`` : s.baseUrl}` +
+      (s.loadSeconds !== undefined ? `; ready in ${s.loadSeconds.toFixed(1)} s` : '') +
+      (s.peakRssMiB !== undefined ? `; peak RSS ${s.peakRssMiB.toFixed(0)} MiB` : ''));
+  }
+  lines.push('');
+  const head = ['c', 'server', ...COLUMNS.map((c) => c.title), 'ok/req', 'peak RSS MiB', 'GPU MiB'];
+  lines.push(`| ${head.join(' | ')} |`);
+  lines.push(`|${head.map((_, i) => (i < 2 ? ' --- ' : ' ---: ')).join('|')}|`);
+  const levels = [...new Set(r.levels.map((l) => l.concurrency))];
+  for (const c of levels) {
+    const at = r.levels.filter((l) => l.concurrency === c);
+    for (const l of [...at].sort((a, b) => names.indexOf(a.server) - names.indexOf(b.server))) {
+      lines.push(`| ${c} | ${l.server}${l.truncated ? ' (truncated)' : ''} | ${COLUMNS.map((col) => fmt(col.get(l), col.digits)).join(' | ')} | ` +
+        `${l.completed}/${l.requests} | ${fmt(l.rssPeakMiB, 0)} | ${fmt(l.gpuPeakMiB, 0)} |`);
+    }
+    const a = at.find((l) => l.server === ours), b = at.find((l) => l.server === theirs);
+    if (a && b) {
+      lines.push(`| ${c} | **${ours} / ${theirs}** | ${COLUMNS.map((col) => ratio(col.get(a), col.get(b))).join(' | ')} | | ${ratio(a.rssPeakMiB, b.rssPeakMiB)} | ${ratio(a.gpuPeakMiB, b.gpuPeakMiB)} |`);
+    }
+  }
+  lines.push('');
+  if (theirs) lines.push(`Ratios are ${ours} / ${theirs}: above 1 is better for captions/s and tok/s, below 1 is better for times and memory.`);
+  lines.push('TTFT: request sent to first generated text; TPOT: (last - first token) / (tokens - 1) per request; ITL: gaps between streamed chunks; percentiles interpolate linearly (numpy default).');
+  const errs = r.levels.filter((l) => l.errors.length);
+  for (const l of errs) lines.push(`- errors ${l.server} c=${l.concurrency}: ${l.errors.join(' | ')}`);
+  for (const n of r.notes) lines.push(`- ${n}`);
+  return lines.join('\n') + '\n';
+}
+
+/** A compact table for the end of the console output. */
+export function shortTable(r: BenchReport): string {
+  const rows = [['c', 'server', 'capt/s', 'tok/s', 'TTFT p50', 'TPOT p50', 'ok']];
+  for (const l of r.levels) {
+    rows.push([String(l.concurrency), l.server + (l.truncated ? '*' : ''), fmt(l.captionsPerS), fmt(l.outputTokensPerS, 1),
+      `${fmt(l.ttftMs.p50 / 1000, 3)}s`, `${fmt(l.tpotMs.p50)}ms`, `${l.completed}/${l.requests}`]);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => r.map((c, i) => (i < 2 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ')).join('\n') + '\n';
+}
