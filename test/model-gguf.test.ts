@@ -88,6 +88,16 @@ t.test('q8_0 round trip', async (t) => {
   for (let j = 0; j < 32; j++) maxq = Math.max(maxq, Math.abs((q[2 + j] << 24) >> 24));
   t.equal(maxq, 127);
   t.throws(() => quantizeQ8_0(src, 0, 31, q, 0));
+  // Ties round half away from zero (C roundf), as ggml's reference and gguf-py do.
+  const ties = new Float32Array(32).map((_, i) => i - 16 + 0.5);
+  ties[31] = 127; // amax 127 → d = 1
+  const tq = new Uint8Array(Q8_0_BLOCK_BYTES);
+  quantizeQ8_0(ties, 0, 32, tq, 0);
+  const got = [...new Int8Array(tq.buffer, 2, 32)];
+  const want = [...ties].map((x) => (x < 0 ? -Math.round(-x) : Math.round(x)));
+  t.same(got, want, 'ties away from zero');
+  t.equal(got[0], -16, '-15.5 → -16');
+  t.equal(got[16], 1, '0.5 → 1');
 });
 
 t.test('GGUF write/read round trip', async (t) => {

@@ -66,11 +66,6 @@ export function bf16BitsToF32(b: number): number {
   return f32buf[0];
 }
 
-/** Round half away from zero (C's roundf), which ggml's Q8_0 reference uses. */
-function roundf(x: number): number {
-  return x < 0 ? -Math.round(-x) : Math.round(x);
-}
-
 export const QK8_0 = 32;
 /** Bytes of one Q8_0 block: f16 scale + 32 int8. */
 export const Q8_0_BLOCK_BYTES = 34;
@@ -83,23 +78,24 @@ export const Q8_0_BLOCK_BYTES = 34;
 export function quantizeQ8_0(src: Float32Array, srcOff: number, n: number, dst: Uint8Array, dstOff: number): void {
   if (n % QK8_0 !== 0) throw new Error(`Q8_0 needs a multiple of ${QK8_0} values, got ${n}`);
   const nb = n / QK8_0;
+  const q8 = new Int8Array(dst.buffer, dst.byteOffset, dst.length);
   let o = dstOff;
   let s = srcOff;
   for (let b = 0; b < nb; b++) {
     let amax = 0;
-    for (let j = 0; j < QK8_0; j++) {
-      const v = src[s + j];
-      const a = v < 0 ? -v : v;
-      if (a > amax) amax = a;
-    }
+    for (let j = 0; j < QK8_0; j++) amax = Math.max(amax, Math.abs(src[s + j]));
     const d = Math.fround(amax / 127);
     const id = d !== 0 ? Math.fround(1 / d) : 0;
     const hb = f32ToF16Bits(d);
     dst[o] = hb & 0xff;
     dst[o + 1] = hb >>> 8;
     for (let j = 0; j < QK8_0; j++) {
-      const q = roundf(Math.fround(src[s + j] * id));
-      dst[o + 2 + j] = q & 0xff; // two's complement int8
+      const x = Math.fround(src[s + j] * id); // |x| <= 127
+      // roundf (half away from zero) without a data-dependent branch in the common case:
+      // floor(x + 0.5) via an integer truncation of a positive number, then fix negative ties.
+      let r = ((x + 128.5) | 0) - 128;
+      if (r - x === 0.5 && x < 0) r -= 1;
+      q8[o + 2 + j] = r;
     }
     o += Q8_0_BLOCK_BYTES;
     s += QK8_0;
