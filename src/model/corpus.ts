@@ -11,7 +11,15 @@ What is in this image? What is shown in the picture? What is happening in this p
 Please describe the photo. Please write a detailed caption for this image. Please provide a short caption.
 Write a caption for the image. Give a detailed description of the scene. Summarize the image in one sentence.
 You are a helpful assistant. You are a helpful assistant. You are a helpful assistant that describes images.
-system user assistant system user assistant
+system
+user
+assistant
+system
+user
+assistant
+system
+user
+assistant
 The image shows a small white dog sitting on a green lawn in front of a red brick house.
 The image shows a busy city street at night, with cars, buses and people walking on the sidewalk.
 The image shows a wooden table with a cup of coffee, a laptop, a notebook and a pen on it.
