@@ -200,11 +200,16 @@ export class GGUFWriter {
     if (this.pos !== start) throw new Error(`internal: position ${this.pos} != planned ${start} for ${name}`);
     let written = 0;
     let pending: Promise<void> | undefined;
-    for await (const chunk of chunks as AsyncIterable<Uint8Array>) {
-      if (written + chunk.length > p.byteSize) throw new Error(`${name}: producer gave more than ${p.byteSize} bytes`);
-      if (pending) await pending;
-      pending = writeAll(this.fh, chunk, start + written);
-      written += chunk.length;
+    try {
+      for await (const chunk of chunks as AsyncIterable<Uint8Array>) {
+        if (written + chunk.length > p.byteSize) throw new Error(`${name}: producer gave more than ${p.byteSize} bytes`);
+        if (pending) await pending;
+        pending = writeAll(this.fh, chunk, start + written);
+        written += chunk.length;
+      }
+    } catch (e) {
+      await pending?.catch(() => {}); // never leave a write in flight (or its rejection unhandled)
+      throw e;
     }
     if (pending) await pending;
     if (written !== p.byteSize) throw new Error(`${name}: producer gave ${written} bytes, expected ${p.byteSize}`);
