@@ -439,9 +439,6 @@ bool Engine::step() {
         }
     }
 
-    uint32_t used = 0;
-    for (const auto & seq : running_) used += seq.n_cells;
-    kv_used_ = used;
     for (auto & seq : running_) {
         if (!seq.pending.tokens.empty() || !seq.pending.text.empty() || seq.pending.finish) {
             out_.push_back(std::move(seq.pending));
@@ -527,6 +524,9 @@ void Engine::release_finished() {
         reserved_cells_ -= it->reserved_cells;
         it = running_.erase(it);
     }
+    uint32_t used = 0;
+    for (const auto & seq : running_) used += seq.n_cells;
+    kv_used_ = used;
     n_running_ = (uint32_t) running_.size();
 }
 

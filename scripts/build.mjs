@@ -17,7 +17,7 @@ const t0 = Date.now();
 fetchLlama();
 
 const cmakeArgs = [
-  path.join(root, 'node_modules', 'cmake-js', 'bin', 'cmake-js.js'),
+  path.join(root, 'node_modules', 'cmake-js', 'bin', 'cmake-js'),
   'build', '--directory', root, '--parallel', String(jobs), '--log-level', 'warn',
   `--CDCAPRL_CUDA=${cuda ? 'ON' : 'OFF'}`,
   `--CDCAPRL_LLAMA_COMMIT=${pin.commit}`,

@@ -1,0 +1,144 @@
+// The native engine on the tiny model, in-process: continuous batching must not change any
+// request's greedy tokens, cancellation frees KV cells, and each sampling control does its job.
+import t from 'tap';
+import { Engine, type EngineEvent, type SamplingParams } from '../src/engine/engine.js';
+import { tinyModel } from './helpers/models.js';
+
+const greedy = (over: Partial<SamplingParams> = {}): SamplingParams => ({
+  temperature: 0, topP: 1, topK: 0, minP: 0,
+  repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
+  seed: -1, maxTokens: 24, minTokens: 0, ignoreEos: true,
+  stop: [], stopTokenIds: [], logprobs: -1,
+  ...over,
+});
+
+interface Result {
+  tokens: number[];
+  text: string;
+  events: EngineEvent[];
+  finish: NonNullable<EngineEvent['finish']>;
+}
+
+async function collect(engine: Engine, prompt: string, sampling: SamplingParams, onFirst?: () => void): Promise<Result> {
+  const gen = engine.generate({ prompt, images: [], sampling });
+  const r: Result = { tokens: [], text: '', events: [], finish: undefined as never };
+  for await (const ev of gen) {
+    if (r.events.length === 0) onFirst?.();
+    r.events.push(ev);
+    r.tokens.push(...ev.tokens);
+    r.text += ev.text;
+    if (ev.finish) r.finish = ev.finish;
+  }
+  return r;
+}
+
+const prompts = Array.from({ length: 8 }, (_, i) =>
+  `<|im_start|>user\nPlease describe image number ${i} in detail, ${'with care '.repeat(i)}<|im_end|>\n<|im_start|>assistant\n`);
+
+t.test('engine on the tiny model', async (t) => {
+  const { model, mmproj } = await tinyModel();
+  const engine = new Engine({ model, mmproj, nCtx: 4096, maxSeqs: 8, nBatch: 512, nThreads: 2, logLevel: 'error' });
+  t.teardown(() => engine.close());
+
+  t.test('info describes the model', async (t) => {
+    t.ok(engine.info.hasVision, 'mmproj loaded');
+    t.match(engine.info.chatTemplate, /im_start/);
+    t.equal(engine.info.nCtx, 4096);
+    t.ok(engine.info.devices.length > 0);
+  });
+
+  t.test('8 concurrent requests share decode steps and match their solo greedy tokens', async (t) => {
+    const solo: Result[] = [];
+    for (const p of prompts) solo.push(await collect(engine, p, greedy()));
+    for (const r of solo) {
+      t.equal(r.tokens.length, 24, 'ignore_eos gives exactly max_tokens');
+      t.equal(r.finish.reason, 'length');
+    }
+    t.ok(new Set(solo.map((r) => r.tokens.join(','))).size > 1, 'different prompts give different outputs');
+
+    const before = engine.stats();
+    const together = await Promise.all(prompts.map((p) => collect(engine, p, greedy())));
+    const after = engine.stats();
+    for (let i = 0; i < prompts.length; i++) {
+      t.same(together[i].tokens, solo[i].tokens, `request ${i}: same tokens alone and among 8`);
+      t.equal(together[i].text, solo[i].text);
+    }
+    t.equal(after.maxBatchSeqs, 8, 'some step decoded all 8 sequences in one batch');
+    const steps = after.steps - before.steps;
+    const decoded = after.decodedSeqsTotal - before.decodedSeqsTotal;
+    t.ok(steps < 8 * 24, `shared steps: ${steps} steps for ${decoded} decoded tokens`);
+    t.ok(decoded / steps > 4, `mean sequences per step ${(decoded / steps).toFixed(2)} > 4`);
+    t.equal(after.kvUsedCells, 0, 'all KV cells freed');
+    t.equal(after.running, 0);
+  });
+
+  t.test('cancel ends a request with abort and frees its cells at once', async (t) => {
+    let gen: ReturnType<Engine['generate']> | undefined;
+    const events: EngineEvent[] = [];
+    gen = engine.generate({ prompt: prompts[0], images: [], sampling: greedy({ maxTokens: 100000 }) });
+    for await (const ev of gen) {
+      events.push(ev);
+      if (events.length === 2) gen.cancel();
+    }
+    const last = events[events.length - 1];
+    t.equal(last.finish?.reason, 'abort');
+    t.ok(last.finish!.completionTokens < 1000, `stopped after ${last.finish!.completionTokens} tokens`);
+    const s = engine.stats();
+    t.equal(s.kvUsedCells, 0);
+    t.equal(s.running, 0);
+  });
+
+  t.test('max_tokens, stop strings, stop token ids, min_tokens', async (t) => {
+    const base = await collect(engine, prompts[1], greedy({ maxTokens: 16 }));
+    t.equal(base.tokens.length, 16);
+
+    // A stop string taken from the middle of the greedy text cuts the output just before it.
+    const text = base.text;
+    const cut = Math.floor(text.length / 2);
+    const stop = text.slice(cut, cut + 3);
+    const stopped = await collect(engine, prompts[1], greedy({ maxTokens: 16, stop: [stop] }));
+    t.equal(stopped.finish.reason, 'stop');
+    t.equal(stopped.finish.stoppedBy, stop);
+    t.equal(stopped.text, text.slice(0, text.indexOf(stop)), 'text ends right before the stop string');
+
+    const byId = await collect(engine, prompts[1], greedy({ maxTokens: 16, stopTokenIds: [base.tokens[5]] }));
+    const firstAt = base.tokens.indexOf(base.tokens[5]);
+    t.equal(byId.finish.reason, 'stop');
+    t.equal(byId.finish.stoppedBy, base.tokens[5]);
+    t.same(byId.tokens, base.tokens.slice(0, firstAt), 'stops at the first occurrence, stop token not included');
+
+    const minTok = await collect(engine, prompts[1], greedy({ maxTokens: 16, stopTokenIds: [base.tokens[0]], minTokens: 3 }));
+    t.ok(minTok.tokens.length >= 3, 'min_tokens keeps generating past a stop token id');
+  });
+
+  t.test('seeded sampling is reproducible, greedy logprobs are the top choice', async (t) => {
+    const s = (seed: number) => greedy({ temperature: 1.0, seed, maxTokens: 12 });
+    const a = await collect(engine, prompts[2], s(7));
+    const b = await collect(engine, prompts[2], s(7));
+    const c = await collect(engine, prompts[2], s(8));
+    t.same(a.tokens, b.tokens, 'same seed, same tokens');
+    t.notSame(a.tokens, c.tokens, 'another seed, other tokens');
+
+    const lp = await collect(engine, prompts[2], greedy({ maxTokens: 4, logprobs: 3 }));
+    const all = lp.events.flatMap((e) => e.logprobs ?? []);
+    t.equal(all.length, 4);
+    for (const l of all) {
+      t.equal(l.top.length, 3);
+      t.equal(l.top[0].token, l.token, 'greedy picks the most likely token');
+      t.ok(l.logprob <= 0 && l.top[0].logprob >= l.top[1].logprob && l.top[1].logprob >= l.top[2].logprob);
+    }
+  });
+
+  t.test('penalties change greedy output', async (t) => {
+    const plain = await collect(engine, prompts[3], greedy({ maxTokens: 24 }));
+    const pen = await collect(engine, prompts[3], greedy({ maxTokens: 24, repetitionPenalty: 1.8, frequencyPenalty: 1.5 }));
+    t.notSame(pen.tokens, plain.tokens);
+    t.ok(new Set(pen.tokens).size >= new Set(plain.tokens).size, 'penalties do not reduce token variety');
+  });
+
+  t.test('a prompt longer than the context is an error, not a crash', async (t) => {
+    const r = await collect(engine, 'word '.repeat(5000), greedy());
+    t.equal(r.finish.reason, 'error');
+    t.match(r.finish.error, /maximum context length/);
+  });
+});
