@@ -34,7 +34,8 @@ options:
   --endpoint-name NAME      name of --endpoint in the report (default endpoint)
   --server-pid PID          with --endpoint: read that process's peak RSS for the report
   --concurrency LIST        concurrency levels (default 1,8,32,64)
-  --requests N              requests per level (default max(--min-requests, --rounds x concurrency))
+  --requests N|LIST         requests per level, one count or one per level
+                            (default max(--min-requests, --rounds x concurrency))
   --rounds N                (default 2)
   --min-requests N          (default 8)
   --image-sizes LIST        WxH,... cycled over the requests (default 448x448,1024x1024,1280x720)
@@ -110,7 +111,11 @@ export async function main(argv: string[]): Promise<number> {
   const concurrency = intList(v.concurrency ?? '1,8,32,64', '--concurrency');
   const rounds = posInt(v.rounds, '--rounds', 2);
   const minRequests = posInt(v['min-requests'], '--min-requests', 8);
-  const requestsPerLevel = concurrency.map((c) => (v.requests ? intList(v.requests, '--requests')[0] : Math.max(minRequests, rounds * c)));
+  const reqList = v.requests ? intList(v.requests, '--requests') : undefined;
+  if (reqList && reqList.length !== 1 && reqList.length !== concurrency.length) {
+    throw new Error(`--requests: give one count or one per concurrency level (${concurrency.length})`);
+  }
+  const requestsPerLevel = concurrency.map((c, i) => (reqList ? reqList[reqList.length === 1 ? 0 : i] : Math.max(minRequests, rounds * c)));
   const sizes = parseSizes(v['image-sizes'] ?? '448x448,1024x1024,1280x720');
   const outputTokens = posInt(v['output-tokens'] ?? v['max-tokens'], '--output-tokens', 256);
   const prompt = v.prompt ?? 'Please describe this image in detail';
@@ -211,7 +216,16 @@ export async function main(argv: string[]): Promise<number> {
           throw new Error(`--servers: unknown server "${name}" (caprl, llama-server)`);
         }
         log(`starting ${name}: ${spec.command} ${spec.args.join(' ')}`);
-        const server = await ManagedServer.start(spec);
+        let server: ManagedServer;
+        try {
+          server = await ManagedServer.start(spec);
+        } catch (err) {
+          // One side failing to start must not lose the other side's numbers.
+          const msg = `${name} did not start: ${err instanceof Error ? err.message : String(err)}`;
+          log(msg);
+          report.notes.push(msg);
+          continue;
+        }
         started.push(server);
         log(`${name} ready in ${server.loadSeconds.toFixed(1)} s (pid ${server.pid}, log ${spec.logFile})`);
         targets.push({ name, baseUrl: server.baseUrl, modelName: spec.modelName, pid: server.pid, server });
@@ -220,14 +234,20 @@ export async function main(argv: string[]): Promise<number> {
       }
     }
 
+    if (targets.length === 0) throw new Error('no server to benchmark');
     const clients = new Map(targets.map((t) => [t.name, new StreamClient(t.baseUrl, Math.max(...concurrency) + 8)]));
-    for (const t of targets) {
+    for (const t of [...targets]) {
       for (let i = 0; i < warmUris.length; i++) {
         const r = await clients.get(t.name)!.stream(captionBody({ model: t.modelName, prompt, imageUrl: warmUris[i], outputTokens }), { timeoutMs });
         log(`${t.name} warm-up ${i + 1}: ${r.ok ? `${r.completionTokens} tokens in ${((r.end - r.start) / 1000).toFixed(2)} s` : `FAILED ${r.error}`}`);
-        if (!r.ok) throw new Error(`${t.name} failed the warm-up request: ${r.error}`);
+        if (!r.ok) {
+          report.notes.push(`${t.name} failed the warm-up request (${r.error}); not benchmarked`);
+          targets.splice(targets.indexOf(t), 1);
+          break;
+        }
       }
     }
+    if (targets.length === 0) throw new Error('every server failed its warm-up request');
 
     for (let li = 0; li < concurrency.length; li++) {
       const c = concurrency[li];
