@@ -1,7 +1,7 @@
 // The Fastify app: POST /v1/chat/completions, GET /v1/models, GET /health. Every error a
 // client can cause (bad JSON, oversized body, unknown route, invalid fields) comes back as
 // OpenAI's error object; nothing a request carries can crash the process.
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import type { Engine } from '../../engine/engine.js';
 import type { PrepareOptions } from '../../images/prepare.js';
 import { LLAMA_CPP_QWEN25VL_LIMITS } from '../../images/qwen-resize.js';
@@ -39,10 +39,13 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
   const app = Fastify({
     logger: opts.logger ?? false,
     bodyLimit: opts.bodyLimit ?? DEFAULT_BODY_LIMIT,
-    disableRequestLogging: true,
+    // One log line per completion comes from the chat handler instead.
+    logController: new LogController({ disableRequestLogging: true }),
     return503OnClosing: true,
     forceCloseConnections: 'idle',
   });
+  // Only JSON bodies: text/plain would otherwise reach validation as a string.
+  app.removeContentTypeParser('text/plain');
   let accepting = true;
   app.addHook('preClose', async () => {
     accepting = false;
