@@ -10,6 +10,8 @@ export interface EngineOptions {
   mmproj?: string;
   /** Total KV cache size in tokens, shared by all sequences. */
   nCtx: number;
+  /** Longest sequence (prompt + output) in tokens; default nCtx. */
+  maxModelLen?: number;
   /** Most sequences decoded at once (slots). */
   maxSeqs: number;
   /** Most tokens in one llama_decode batch (prefill chunks + decode tokens). */
