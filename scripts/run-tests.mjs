@@ -2,7 +2,7 @@
 // and ends with one plain line `N passed, N failed, N skipped` counting each test() in each file
 // (a file that fails outside any test counts as one failure).
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -12,7 +12,12 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const tapBin = path.join(root, 'node_modules', 'tap', 'dist', 'esm', 'run.mjs');
 // One folder of generated test models shared by all test files of this run.
 const modelsDir = process.env.CAPRL_TEST_MODELS ?? mkdtempSync(path.join(os.tmpdir(), 'caprl-test-models-'));
-const child = spawn(process.execPath, [tapBin, '--reporter=tap', ...process.argv.slice(2)], {
+// Test files: those named on the command line, else every compiled test.
+const testDir = path.join('dist', 'test');
+const files = process.argv.slice(2).length > 0
+  ? process.argv.slice(2)
+  : readdirSync(path.join(root, testDir)).filter((f) => f.endsWith('.test.js')).sort().map((f) => path.join(testDir, f));
+const child = spawn(process.execPath, [tapBin, '--reporter=tap', ...files], {
   cwd: root,
   env: { ...process.env, CAPRL_TEST_MODELS: modelsDir },
   stdio: ['ignore', 'pipe', 'inherit'],
@@ -52,5 +57,5 @@ createInterface({ input: child.stdout }).on('line', (line) => {
 child.on('close', (code) => {
   if (!process.env.CAPRL_TEST_MODELS) rmSync(modelsDir, { recursive: true, force: true });
   console.log(`${passed} passed, ${failed} failed, ${skipped} skipped`);
-  process.exit(code === 0 && failed === 0 ? 0 : 1);
+  process.exit(code === 0 && failed === 0 && passed > 0 ? 0 : 1);
 });
