@@ -1,5 +1,5 @@
 // The `caprl` command: subcommand dispatch. bin/caprl.js calls main(process.argv.slice(2)).
-import { CliUsageError } from './entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError } from './entrypoints/cli-args.js';
 
 const USAGE = `usage: caprl <command> [options]
 
@@ -57,8 +57,13 @@ export async function main(argv: string[]): Promise<void> {
         throw new CliUsageError(`unknown command "${command}"`);
     }
   } catch (err) {
+    const prefix = command === 'serve' || command === 'generate-model' ? `caprl ${command}` : 'caprl';
+    if (err instanceof CliFatalError) {
+      process.stderr.write(`${prefix}: error: ${err.message}\n`);
+      process.exitCode = 1;
+      return;
+    }
     if (err instanceof CliUsageError) {
-      const prefix = command === 'serve' || command === 'generate-model' ? `caprl ${command}` : 'caprl';
       process.stderr.write(`${prefix}: error: ${err.message}\n`);
       process.stderr.write(command === 'serve' ? 'Run `caprl serve --help` for the options.\n' : USAGE);
       process.exitCode = 2;

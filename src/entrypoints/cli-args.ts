@@ -50,6 +50,14 @@ export class CliUsageError extends Error {
   }
 }
 
+/** A command failed for a reason the user can act on (the message says it all; no stack trace). */
+export class CliFatalError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'CliFatalError';
+  }
+}
+
 /** "--Max_Model_Len" -> "max-model-len"; flags compare in this form. */
 export function normalizeFlagName(raw: string): string {
   return raw.replace(/^-+/, '').replace(/_/g, '-');

@@ -4,7 +4,7 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { Engine } from '../../engine/engine.js';
 import type { EngineOptions } from '../../engine/native-types.js';
-import { CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
+import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
 import { buildServer } from './server.js';
 
 export const SERVE_DEFAULTS = {
@@ -159,7 +159,12 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   }
   const cfg = serveConfigFromArgs(parsed.values);
 
-  const engine = new Engine(engineOptionsFor(cfg));
+  let engine: Engine;
+  try {
+    engine = new Engine(engineOptionsFor(cfg));
+  } catch (err) {
+    throw new CliFatalError(`could not load the model: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+  }
   const app = buildServer({
     engine,
     servedModelNames: cfg.servedModelNames,
@@ -174,9 +179,14 @@ export async function runServe(argv: readonly string[]): Promise<number> {
 
   let address: string;
   try {
-    address = await app.listen({ host: cfg.host, port: cfg.port });
+    // vLLM binds every interface unless --host says otherwise (Fastify alone would pick localhost).
+    address = await app.listen({ host: cfg.host ?? '0.0.0.0', port: cfg.port });
   } catch (err) {
     await engine.close();
+    const code = (err as { code?: string }).code;
+    if (code === 'EADDRINUSE' || code === 'EACCES' || code === 'EADDRNOTAVAIL') {
+      throw new CliFatalError(`could not listen on ${cfg.host ?? '0.0.0.0'}:${cfg.port}: ${(err as Error).message}`, { cause: err });
+    }
     throw err;
   }
   app.log.info(
