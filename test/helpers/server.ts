@@ -23,7 +23,7 @@ export interface TestServer {
 
 export interface TestServerOptions {
   /** Engine options over the defaults (KV cache 4096 tokens, 8 seqs, batch 512, 2 threads). */
-  engine?: Partial<EngineOptions> & { maxModelLen?: number };
+  engine?: Partial<EngineOptions>;
   /** Server options over the defaults (served name "caprl"). */
   server?: Partial<Omit<ServerOptions, 'engine'>>;
   /** Leave the vision projector out. */
@@ -32,7 +32,7 @@ export interface TestServerOptions {
 
 export async function startTestServer(opts: TestServerOptions = {}): Promise<TestServer> {
   const { model, mmproj } = await tinyModel();
-  const engineOptions: EngineOptions & { maxModelLen?: number } = {
+  const engineOptions: EngineOptions = {
     model,
     mmproj: opts.textOnly ? undefined : mmproj,
     nCtx: 4096,

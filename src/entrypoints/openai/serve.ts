@@ -135,8 +135,8 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>): ServeC
   };
 }
 
-/** EngineOptions for a config. maxModelLen is the addon's per-sequence limit (not yet in EngineOptions' type). */
-export function engineOptionsFor(cfg: ServeConfig): EngineOptions & { maxModelLen: number } {
+/** EngineOptions for a config: --kv-cache-tokens sizes the shared KV pool, --max-model-len each request. */
+export function engineOptionsFor(cfg: ServeConfig): EngineOptions {
   return {
     model: cfg.model,
     mmproj: cfg.mmproj,
