@@ -259,6 +259,11 @@ export async function main(argv: string[]): Promise<number> {
           log(`${t.name} c=${c}: skipped (deadline)`);
           continue;
         }
+        if (t.server?.exitStatus !== undefined) {
+          const msg = `${t.name} exited (${t.server.exitStatus}) before c=${c}; see ${t.server.spec.logFile}`;
+          if (!report.notes.includes(msg)) report.notes.push(msg);
+          log(msg);
+        }
         const bodies = uris[li].map((u, i) => captionBody({ model: t.modelName, prompt, imageUrl: u, outputTokens, seed: i }));
         const sampler = t.pid !== undefined ? new MemorySampler(t.pid) : undefined;
         await sampler?.start();
@@ -270,6 +275,11 @@ export async function main(argv: string[]): Promise<number> {
           ...(sampler ? { rssPeakMiB: sampler.rssPeakMiB, gpuPeakMiB: sampler.gpuPeakMiB } : {}),
         };
         report.levels.push(rec);
+        if (t.server?.exitStatus !== undefined) {
+          const msg = `${t.name} exited (${t.server.exitStatus}) during c=${c}; see ${t.server.spec.logFile}`;
+          report.notes.push(msg);
+          log(msg);
+        }
         log(`${t.name} c=${c}: ${rec.completed}/${rec.requests} ok${truncated ? ' (truncated)' : ''}, ${rec.captionsPerS.toFixed(2)} captions/s, ` +
           `${rec.outputTokensPerS.toFixed(1)} tok/s, TTFT p50 ${(rec.ttftMs.p50 / 1000).toFixed(3)} s, TPOT p50 ${rec.tpotMs.p50.toFixed(2)} ms, ` +
           `mean tokens ${rec.meanOutputTokens.toFixed(1)}${rec.errors.length ? `, errors: ${rec.errors.join(' | ')}` : ''}`);

@@ -120,6 +120,11 @@ export class ManagedServer {
     });
   }
 
+  /** Why the process ended ("code 1", "signal SIGSEGV"), or undefined while it runs. */
+  get exitStatus(): string | undefined {
+    return this.exited ? this.exitInfo : undefined;
+  }
+
   get pid(): number {
     return this.child.pid ?? -1;
   }
