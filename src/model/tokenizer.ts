@@ -352,18 +352,33 @@ export function decode(v: Vocab, ids: readonly number[], opts: { renderSpecial?:
   return Buffer.concat(bufs).toString('utf8');
 }
 
+/**
+ * What the tokenizer.* keys hold: a generated Vocab is one; so is a vocabulary read from a
+ * Hugging Face tokenizer.json (src/convert/hf-tokenizer.ts). Absent special ids are not written.
+ */
+export interface TokenizerMetadataSource {
+  tokens: readonly string[];
+  types: readonly TokenType[];
+  /** Merges in rank order, as "a b". */
+  merges: readonly string[];
+  eosId: number;
+  padId?: number;
+  bosId?: number;
+  eotId?: number;
+}
+
 /** Write the tokenizer.* keys (vocabulary, merges, special ids, chat template). */
-export function addTokenizerMetadata(meta: GGUFMetadata, v: Vocab, chatTemplate: string): void {
+export function addTokenizerMetadata(meta: GGUFMetadata, v: TokenizerMetadataSource, chatTemplate: string): void {
   meta.str('tokenizer.ggml.model', 'gpt2');
   meta.str('tokenizer.ggml.pre', 'qwen2');
-  meta.arr('tokenizer.ggml.tokens', GGUFValueType.STRING, v.tokens);
-  meta.arr('tokenizer.ggml.token_type', GGUFValueType.INT32, v.types);
-  meta.arr('tokenizer.ggml.merges', GGUFValueType.STRING, v.merges);
+  meta.arr('tokenizer.ggml.tokens', GGUFValueType.STRING, [...v.tokens]);
+  meta.arr('tokenizer.ggml.token_type', GGUFValueType.INT32, [...v.types]);
+  meta.arr('tokenizer.ggml.merges', GGUFValueType.STRING, [...v.merges]);
   meta.u32('tokenizer.ggml.eos_token_id', v.eosId);
-  meta.u32('tokenizer.ggml.padding_token_id', v.padId);
-  meta.u32('tokenizer.ggml.bos_token_id', v.bosId);
+  if (v.padId !== undefined) meta.u32('tokenizer.ggml.padding_token_id', v.padId);
+  if (v.bosId !== undefined) meta.u32('tokenizer.ggml.bos_token_id', v.bosId);
   // Explicit, so llama.cpp does not pick between <|im_end|> and <|endoftext|> by hash order.
-  meta.u32('tokenizer.ggml.eot_token_id', v.eotId);
+  if (v.eotId !== undefined) meta.u32('tokenizer.ggml.eot_token_id', v.eotId);
   meta.bool('tokenizer.ggml.add_bos_token', false);
   meta.str('tokenizer.chat_template', chatTemplate);
 }
