@@ -27,13 +27,20 @@ log() { printf '[pack-gpu %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 [ -f deps/llama.cpp/.caprl-pin ] || { echo "pack-gpu: deps/llama.cpp missing: run npm ci first" >&2; exit 1; }
 [ -x node_modules/.bin/tsc ] || { echo "pack-gpu: node_modules missing: run npm ci first" >&2; exit 1; }
 mkdir -p "$CARRY"
-rm -f "$CARRY"/*.xz "$CARRY"/manifest.txt
+rm -f "$CARRY"/dist.tar.xz "$CARRY"/node_modules.tar.xz "$CARRY"/llama.cpp.tar.xz "$CARRY"/manifest.txt
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
 NODE_BIN=$(command -v node)
-log "node $(node --version) from $NODE_BIN"
-$XZ -c "$NODE_BIN" > "$CARRY/node.xz"
+NODE_SUM=$(sha256sum "$NODE_BIN" | cut -d' ' -f1)
+if [ -f "$CARRY/node.xz" ] && [ "$(cat "$CARRY/node.sha256" 2>/dev/null)" = "$NODE_SUM" ]; then
+  log "node $(node --version) from $NODE_BIN: .carry/node.xz is current"
+else
+  log "node $(node --version) from $NODE_BIN (xz takes a minute or two)"
+  rm -f "$CARRY/node.xz" "$CARRY/node.sha256"
+  $XZ -c "$NODE_BIN" > "$CARRY/node.xz.tmp" && mv "$CARRY/node.xz.tmp" "$CARRY/node.xz"
+  echo "$NODE_SUM" > "$CARRY/node.sha256"
+fi
 
 log "compiling TypeScript"
 node node_modules/typescript/bin/tsc -p .
