@@ -172,6 +172,15 @@ export class GGUFWriter {
 
   static async create(path: string, metadata: GGUFMetadata, tensors: readonly GGUFTensorInfo[]): Promise<GGUFWriter> {
     const { header, placements, alignment } = buildHeader(metadata, tensors);
+    return GGUFWriter.fromHeader(path, header, placements, alignment);
+  }
+
+  /**
+   * The same streaming writer for any file laid out as a header followed by tensor data at
+   * planned offsets (relative to the end of the header, each padded to `alignment`): a
+   * safetensors file is one (src/convert/safetensors.ts, alignment 1).
+   */
+  static async fromHeader(path: string, header: Uint8Array, placements: TensorPlacement[], alignment: number): Promise<GGUFWriter> {
     const tmpPath = `${path}.partial-${process.pid}`;
     const fh = await open(tmpPath, 'w');
     try {
@@ -198,22 +207,7 @@ export class GGUFWriter {
     if (p.name !== name) throw new Error(`expected tensor ${p.name} next, got ${name}`);
     const start = this.dataOffset + p.offset;
     if (this.pos !== start) throw new Error(`internal: position ${this.pos} != planned ${start} for ${name}`);
-    let written = 0;
-    let pending: Promise<void> | undefined;
-    try {
-      for await (const chunk of chunks as AsyncIterable<Uint8Array>) {
-        if (written + chunk.length > p.byteSize) throw new Error(`${name}: producer gave more than ${p.byteSize} bytes`);
-        if (pending) await pending;
-        pending = writeAll(this.fh, chunk, start + written);
-        written += chunk.length;
-      }
-    } catch (e) {
-      await pending?.catch(() => {}); // never leave a write in flight (or its rejection unhandled)
-      throw e;
-    }
-    if (pending) await pending;
-    if (written !== p.byteSize) throw new Error(`${name}: producer gave ${written} bytes, expected ${p.byteSize}`);
-    const end = start + written;
+    const end = start + await writeChunks(this.fh, chunks, start, p.byteSize, name);
     const padded = this.dataOffset + alignUp(p.offset + p.byteSize, this.alignment);
     if (padded > end) await writeAll(this.fh, this.zeroPad.subarray(0, padded - end), end);
     this.pos = padded;
@@ -238,6 +232,29 @@ export class GGUFWriter {
     }
     await rm(this.tmpPath, { force: true });
   }
+}
+
+/**
+ * Write `chunks` at `start` with at most one write in flight (see ChunkSource); checks that
+ * exactly `byteSize` bytes came. Returns the byte count. Shared by every streaming writer.
+ */
+async function writeChunks(fh: FileHandle, chunks: ChunkSource, start: number, byteSize: number, name: string): Promise<number> {
+  let written = 0;
+  let pending: Promise<void> | undefined;
+  try {
+    for await (const chunk of chunks as AsyncIterable<Uint8Array>) {
+      if (written + chunk.length > byteSize) throw new Error(`${name}: producer gave more than ${byteSize} bytes`);
+      if (pending) await pending;
+      pending = writeAll(fh, chunk, start + written);
+      written += chunk.length;
+    }
+  } catch (e) {
+    await pending?.catch(() => {}); // never leave a write in flight (or its rejection unhandled)
+    throw e;
+  }
+  if (pending) await pending;
+  if (written !== byteSize) throw new Error(`${name}: producer gave ${written} bytes, expected ${byteSize}`);
+  return written;
 }
 
 async function writeAll(fh: FileHandle, data: Uint8Array, position: number): Promise<void> {

@@ -59,12 +59,20 @@ export interface VisionConfig {
   eps: number;
 }
 
-export interface Preset {
+/**
+ * The architecture of a model, without its name: what the tensor plans and the arch metadata
+ * read. Presets are ModelShapes; so is a shape read from a Hugging Face config.json
+ * (src/convert), which is how generated and converted files agree by construction.
+ */
+export interface ModelShape {
+  text: TextConfig;
+  vision: VisionConfig;
+}
+
+export interface Preset extends ModelShape {
   name: PresetName;
   /** general.name */
   modelName: string;
-  text: TextConfig;
-  vision: VisionConfig;
 }
 
 const CLIP_MEAN: [number, number, number] = [0.48145466, 0.4578275, 0.40821073];
@@ -152,8 +160,8 @@ export function getPreset(name: string): Preset {
   return p;
 }
 
-/** The llama.cpp-side constraints a preset must meet. */
-export function validatePreset(p: Preset): void {
+/** The llama.cpp-side constraints a preset (or a converted model's shape) must meet. */
+export function validatePreset(p: ModelShape & { name: string }): void {
   const t = p.text;
   const v = p.vision;
   const fail = (m: string): never => {
