@@ -6,6 +6,7 @@ import { Engine } from '../../engine/engine.js';
 import type { EngineOptions } from '../../engine/native-types.js';
 import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
 import { buildServer } from './server.js';
+import { MODEL_SOURCE_FLAGS, resolveServeModel } from '../../hub/model-source.js';
 
 export const SERVE_DEFAULTS = {
   port: 8000,
@@ -20,11 +21,12 @@ export const SERVE_DEFAULTS = {
 
 export const SERVE_SPEC: CommandSpec = {
   usage: 'caprl serve',
-  summary: 'Serve a CapRL / Qwen2.5-VL GGUF through an OpenAI-compatible API (like `vllm serve`).',
-  positionals: [{ dest: 'modelTag', metavar: 'MODEL', help: 'path of the text model GGUF (same as --model)' }],
+  summary: 'Serve CapRL / Qwen2.5-VL (a GGUF, a Hugging Face folder or repo id) through an OpenAI-compatible API (like `vllm serve`).',
+  positionals: [{ dest: 'modelTag', metavar: 'MODEL', help: 'text model GGUF, Hugging Face model folder, or Hub repo id like internlm/CapRL-3B (same as --model)' }],
   flags: [
     { name: 'model', type: 'string', dest: 'model', metavar: 'PATH', help: 'path of the text model GGUF' },
     { name: 'mmproj', type: 'string', dest: 'mmproj', metavar: 'PATH', help: 'path of the vision projector GGUF; without it image requests are refused' },
+    ...MODEL_SOURCE_FLAGS, // --revision, --download-dir, --dtype, --quantization (src/hub/model-source.ts)
     { name: 'host', type: 'string', dest: 'host', help: 'address to listen on (default: all interfaces, as vLLM)' },
     { name: 'port', type: 'int', dest: 'port', help: `port to listen on (default: ${SERVE_DEFAULTS.port})` },
     { name: 'served-model-name', type: 'strings', dest: 'servedModelName', metavar: 'NAME', help: 'model name(s) clients use in `model`; the first is the default (default: the model path)' },
@@ -157,7 +159,8 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     process.stdout.write(formatHelp(SERVE_SPEC));
     return 0;
   }
-  const cfg = serveConfigFromArgs(parsed.values);
+  // A Hugging Face folder or repo id becomes a GGUF pair here (download + conversion, cached).
+  const cfg = serveConfigFromArgs(await resolveServeModel(parsed.values));
 
   let engine: Engine;
   try {
