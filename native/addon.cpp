@@ -63,6 +63,7 @@ SamplingParams to_sampling(const Napi::Object & o) {
 Request to_request(const Napi::Object & o) {
     Request r;
     r.id = (int64_t) get_number(o, "id", 0);
+    r.n = (int32_t) get_number(o, "n", 1);
     r.prompt = get_string(o, "prompt");
     Napi::Value images = o.Get("images");
     if (images.IsArray()) {
@@ -86,6 +87,7 @@ Request to_request(const Napi::Object & o) {
 Napi::Value to_js(Napi::Env env, const Event & ev) {
     Napi::Object o = Napi::Object::New(env);
     o.Set("id", Napi::Number::New(env, (double) ev.id));
+    o.Set("index", Napi::Number::New(env, ev.index));
     Napi::Array toks = Napi::Array::New(env, ev.tokens.size());
     for (size_t i = 0; i < ev.tokens.size(); i++) toks.Set((uint32_t) i, Napi::Number::New(env, ev.tokens[i]));
     o.Set("tokens", toks);

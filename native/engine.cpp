@@ -194,6 +194,16 @@ std::string Engine::apply_chat_template(const std::vector<ChatMessage> & message
 
 // ---- engine thread ----
 
+void Engine::end_unadmitted(const Request & req, const std::string & reason, int32_t prompt_tokens, const std::string & error) {
+    for (int32_t k = 0; k < std::max(req.n, 1); k++) {
+        Event ev;
+        ev.id = req.id;
+        ev.index = k;
+        ev.finish = Finish{reason, prompt_tokens, 0, error};
+        out_.push_back(std::move(ev));
+    }
+}
+
 void Engine::loop() {
     for (;;) {
         {
@@ -210,10 +220,7 @@ void Engine::loop() {
     take_inbox();
     for (auto & seq : running_) finish(seq, "abort");
     while (!waiting_.empty()) {
-        Event ev;
-        ev.id = waiting_.front().id;
-        ev.finish = Finish{"abort"};
-        out_.push_back(std::move(ev));
+        end_unadmitted(waiting_.front(), "abort");
         waiting_.pop_front();
     }
     release_finished();
@@ -237,10 +244,7 @@ void Engine::take_inbox() {
     }
     for (auto it = waiting_.begin(); it != waiting_.end();) {
         if (ids.count(it->id)) {
-            Event ev;
-            ev.id = it->id;
-            ev.finish = Finish{"abort"};
-            out_.push_back(std::move(ev));
+            end_unadmitted(*it, "abort");
             it = waiting_.erase(it);
         } else {
             ++it;
@@ -314,30 +318,43 @@ bool Engine::prepare_prompt(Sequence & seq, std::string & error) {
 }
 
 void Engine::admit() {
-    while (!waiting_.empty() && !free_seq_ids_.empty()) {
+    while (!waiting_.empty()) {
+        const int32_t n = waiting_.front().n;
+        if (n < 1 || (uint32_t) n > opts_.max_seqs) {
+            end_unadmitted(waiting_.front(), "error", 0,
+                           "n must be between 1 and " + std::to_string(opts_.max_seqs) + " (the number of sequences, --max-num-seqs)");
+            waiting_.pop_front();
+            continue;
+        }
+        if (free_seq_ids_.size() < (size_t) n) break;
         Sequence seq;
         seq.req = std::move(waiting_.front());
         std::string error;
         if (!prepare_prompt(seq, error)) {
             waiting_.pop_front();
-            Event ev;
-            ev.id = seq.req.id;
-            ev.finish = Finish{"error", seq.prompt_cells, 0, error};
-            out_.push_back(std::move(ev));
+            end_unadmitted(seq.req, "error", seq.prompt_cells, error);
             continue;
         }
-        const int64_t want = std::min<int64_t>((int64_t) seq.prompt_cells + std::max(seq.req.sampling.max_tokens, 1),
-                                               (int64_t) max_model_len_);
+        // Worst case: the shared prompt plus every choice's output.
+        const int64_t out_cells = std::min<int64_t>(std::max(seq.req.sampling.max_tokens, 1), (int64_t) max_model_len_ - seq.prompt_cells);
+        // Capped at the pool: a request that alone could outgrow it still runs (alone) rather than wait forever.
+        const int64_t want = std::min<int64_t>(seq.prompt_cells + n * out_cells, info_.n_ctx);
         if (reserved_cells_ + want > (int64_t) info_.n_ctx) {
             // Not enough free cells now: put it back (tokenization is redone later; cheap next to decoding).
             waiting_.front() = std::move(seq.req);
             break;
         }
         waiting_.pop_front();
-        seq.reserved_cells = (int32_t) want;
+        // Choices 1..n-1 each hold an equal share of the output cells; choice 0 holds the rest.
+        seq.choice_reserved_cells = (int32_t) ((want - seq.prompt_cells) / n);
+        seq.reserved_cells = (int32_t) (want - (int64_t) (n - 1) * seq.choice_reserved_cells);
         reserved_cells_ += want;
         seq.seq_id = free_seq_ids_.back();
         free_seq_ids_.pop_back();
+        for (int32_t k = 1; k < n; k++) {
+            seq.choice_seq_ids.push_back(free_seq_ids_.back());
+            free_seq_ids_.pop_back();
+        }
         seq.sampler = std::make_unique<Sampler>(vocab_, seq.req.sampling, eog_);
         seq.text = std::make_unique<TextStream>(seq.req.sampling.stop);
         seq.pending.id = seq.req.id;
@@ -444,6 +461,7 @@ bool Engine::step() {
             out_.push_back(std::move(seq.pending));
             seq.pending = Event{};
             seq.pending.id = seq.req.id;
+            seq.pending.index = seq.index;
         }
     }
     release_finished();
@@ -452,55 +470,98 @@ bool Engine::step() {
 }
 
 void Engine::sample_outputs() {
+    std::list<Sequence> forked;
     for (auto & seq : running_) {
         if (seq.finished || seq.batch_row < 0) continue;
-        const bool was_decode = seq.n_generated > 0;
-        if (was_decode) {
+        if (seq.n_generated > 0) {
             // The token sampled last step was decoded in this batch.
             seq.n_past++;
             seq.n_cells++;
+        } else if (!seq.choice_seq_ids.empty()) {
+            // Prefill done: choices 1..n-1 share its KV cells and its last logits.
+            for (size_t k = 0; k < seq.choice_seq_ids.size(); k++) {
+                forked.push_back(fork_choice(seq, (int32_t) k + 1, seq.choice_seq_ids[k]));
+                sample_one(forked.back(), seq.batch_row);
+            }
+            seq.choice_seq_ids.clear();
         }
-        const SamplingParams & sp = seq.req.sampling;
-        const bool suppress_eog = sp.ignore_eos || seq.n_generated < sp.min_tokens;
-        TokenLogprob lp;
-        const llama_token tok = seq.sampler->sample(ctx_, seq.batch_row, suppress_eog, sp.logprobs >= 0 ? &lp : nullptr,
-                                                    std::max(sp.logprobs, 0));
-        seq.n_generated++;
-        generation_tokens_total_++;
-
-        const bool is_stop_id = std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), tok) != sp.stop_token_ids.end();
-        if (is_stop_id && seq.n_generated > sp.min_tokens) {
-            Finish f{"stop"};
-            f.stopped_by_token = tok;
-            seq.pending.finish = f;
-            finish(seq, "stop");
-            continue;
-        }
-        if (!suppress_eog && llama_vocab_is_eog(vocab_, tok)) {
-            finish(seq, "stop");
-            continue;
-        }
-        seq.pending.tokens.push_back(tok);
-        if (sp.logprobs >= 0) {
-            seq.pending.logprobs.push_back(std::move(lp));
-            seq.pending.has_logprobs = true;
-        }
-        seq.pending.text += seq.text->push(token_piece(vocab_, tok));
-        if (seq.text->matched()) {
-            finish(seq, "stop");
-            continue;
-        }
-        if (seq.n_generated >= sp.max_tokens || (uint32_t) seq.n_cells + 1 >= max_model_len_) {
-            finish(seq, "length");
-            continue;
-        }
-        seq.next = tok;
+        sample_one(seq, seq.batch_row);
     }
+    running_.splice(running_.end(), forked);
+}
+
+Sequence Engine::fork_choice(const Sequence & parent, int32_t index, llama_seq_id seq_id) {
+    llama_memory_seq_cp(llama_get_memory(ctx_), parent.seq_id, seq_id, -1, -1);
+    Sequence c;
+    c.req.id = parent.req.id;
+    c.req.sampling = parent.req.sampling;
+    if (c.req.sampling.seed >= 0) c.req.sampling.seed += index;  // distinct but reproducible streams
+    c.index = index;
+    c.seq_id = seq_id;
+    c.parts = {};
+    c.prompt_cells = parent.prompt_cells;
+    c.shared_cells = parent.n_cells;
+    c.reserved_cells = parent.choice_reserved_cells;
+    c.n_past = parent.n_past;
+    c.sampler = std::make_unique<Sampler>(vocab_, c.req.sampling, eog_);
+    c.text = std::make_unique<TextStream>(c.req.sampling.stop);
+    c.pending.id = c.req.id;
+    c.pending.index = index;
+    return c;
+}
+
+void Engine::sample_one(Sequence & seq, int32_t row) {
+    const SamplingParams & sp = seq.req.sampling;
+    const bool suppress_eog = sp.ignore_eos || seq.n_generated < sp.min_tokens;
+    TokenLogprob lp;
+    const llama_token tok = seq.sampler->sample(ctx_, row, suppress_eog, sp.logprobs >= 0 ? &lp : nullptr,
+                                                std::max(sp.logprobs, 0));
+    seq.n_generated++;
+    generation_tokens_total_++;
+
+    const bool is_stop_id = std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), tok) != sp.stop_token_ids.end();
+    if (is_stop_id && seq.n_generated > sp.min_tokens) {
+        Finish f{"stop"};
+        f.stopped_by_token = tok;
+        seq.pending.finish = f;
+        finish(seq, "stop");
+        return;
+    }
+    if (!suppress_eog && llama_vocab_is_eog(vocab_, tok)) {
+        finish(seq, "stop");
+        return;
+    }
+    seq.pending.tokens.push_back(tok);
+    if (sp.logprobs >= 0) {
+        seq.pending.logprobs.push_back(std::move(lp));
+        seq.pending.has_logprobs = true;
+    }
+    seq.pending.text += seq.text->push(token_piece(vocab_, tok));
+    if (seq.text->matched()) {
+        finish(seq, "stop");
+        return;
+    }
+    if (seq.n_generated >= sp.max_tokens || (uint32_t) (seq.shared_cells + seq.n_cells) + 1 >= max_model_len_) {
+        finish(seq, "length");
+        return;
+    }
+    seq.next = tok;
 }
 
 void Engine::finish(Sequence & seq, const std::string & reason, const std::string & error) {
     if (seq.finished) return;
     seq.finished = true;
+    // Choices never forked (the request ended during its prefill) end the same way.
+    for (size_t k = 0; k < seq.choice_seq_ids.size(); k++) {
+        Event ev;
+        ev.id = seq.req.id;
+        ev.index = (int32_t) k + 1;
+        ev.finish = Finish{reason, seq.prompt_cells, 0, error};
+        out_.push_back(std::move(ev));
+        free_seq_ids_.push_back(seq.choice_seq_ids[k]);
+        reserved_cells_ -= seq.choice_reserved_cells;
+    }
+    seq.choice_seq_ids.clear();
     seq.pending.text += seq.text ? seq.text->flush() : std::string();
     Finish f = seq.pending.finish.value_or(Finish{});
     f.reason = reason;

@@ -64,6 +64,10 @@ class Engine {
     bool prepare_prompt(Sequence & seq, std::string & error);
     void prefill_image(Sequence & seq);
     void sample_outputs();
+    void sample_one(Sequence & seq, int32_t row);
+    Sequence fork_choice(const Sequence & parent, int32_t index, llama_seq_id seq_id);
+    // Ends every choice of a request that never got a sequence (cancelled while waiting, bad prompt).
+    void end_unadmitted(const Request & req, const std::string & reason, int32_t prompt_tokens = 0, const std::string & error = "");
     void finish(Sequence & seq, const std::string & reason, const std::string & error = "");
     void release_finished();
     void emit(std::vector<Event> && events);

@@ -21,18 +21,22 @@ struct PromptPart {
 };
 
 struct Sequence {
-    Request req;
+    Request req;           // a choice k > 0 carries only the id and sampling
+    int32_t index = 0;     // choice index
     llama_seq_id seq_id = -1;
+    std::vector<llama_seq_id> choice_seq_ids;  // slots held for choices 1..n-1 until the prefill ends
 
     mtmd::input_chunks_ptr chunks;  // keeps media chunks alive
     std::vector<PromptPart> parts;
     size_t part = 0;      // next part to prefill
     size_t part_off = 0;  // tokens of parts[part] already in the batch
     int32_t prompt_cells = 0;
-    int32_t reserved_cells = 0;  // prompt + max_tokens, capped by max_model_len
+    int32_t reserved_cells = 0;         // cells this sequence may still need: prompt (choice 0) + its output
+    int32_t choice_reserved_cells = 0;  // output cells reserved for each choice not yet forked
 
     llama_pos n_past = 0;   // position of the next token (M-RoPE images advance it by less than their cells)
-    int32_t n_cells = 0;    // KV cells written
+    int32_t n_cells = 0;    // KV cells this sequence wrote
+    int32_t shared_cells = 0;  // prompt cells it shares with choice 0 (n > 1)
     llama_token next = -1;  // sampled token to decode in the next step
     int32_t n_generated = 0;
     int32_t batch_row = -1; // row of this step's logits, -1 if none

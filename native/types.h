@@ -33,6 +33,7 @@ struct Image {
 
 struct Request {
     int64_t id = 0;
+    int32_t n = 1;  // choices sampled from one shared prefill
     std::string prompt;
     std::vector<Image> images;
     SamplingParams sampling;
@@ -62,6 +63,7 @@ struct Finish {
 
 struct Event {
     int64_t id = 0;
+    int32_t index = 0;  // choice index, 0..n-1
     std::vector<int32_t> tokens;
     std::string text;
     std::vector<TokenLogprob> logprobs;

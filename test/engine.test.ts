@@ -20,16 +20,23 @@ interface Result {
 }
 
 async function collect(engine: Engine, prompt: string, sampling: SamplingParams, onFirst?: () => void): Promise<Result> {
-  const gen = engine.generate({ prompt, images: [], sampling });
-  const r: Result = { tokens: [], text: '', events: [], finish: undefined as never };
+  return (await collectChoices(engine, prompt, sampling, 1, onFirst))[0];
+}
+
+/** One Result per choice of an n-choice request. */
+async function collectChoices(engine: Engine, prompt: string, sampling: SamplingParams, n: number, onFirst?: () => void): Promise<Result[]> {
+  const gen = engine.generate({ prompt, images: [], sampling, n });
+  const rs: Result[] = Array.from({ length: n }, () => ({ tokens: [], text: '', events: [], finish: undefined as never }));
+  let seen = 0;
   for await (const ev of gen) {
-    if (r.events.length === 0) onFirst?.();
+    if (seen++ === 0) onFirst?.();
+    const r = rs[ev.index];
     r.events.push(ev);
     r.tokens.push(...ev.tokens);
     r.text += ev.text;
     if (ev.finish) r.finish = ev.finish;
   }
-  return r;
+  return rs;
 }
 
 const prompts = Array.from({ length: 8 }, (_, i) =>
@@ -134,6 +141,43 @@ t.test('engine on the tiny model', async (t) => {
     const pen = await collect(engine, prompts[3], greedy({ maxTokens: 24, repetitionPenalty: 1.8, frequencyPenalty: 1.5 }));
     t.notSame(pen.tokens, plain.tokens);
     t.ok(new Set(pen.tokens).size >= new Set(plain.tokens).size, 'penalties do not reduce token variety');
+  });
+
+  t.test('n choices share one prefill', async (t) => {
+    const solo = await collect(engine, prompts[4], greedy({ maxTokens: 16 }));
+    const before = engine.stats();
+    const four = await collectChoices(engine, prompts[4], greedy({ maxTokens: 16 }), 4);
+    const after = engine.stats();
+    t.equal(after.promptTokensTotal - before.promptTokensTotal, four[0].finish.promptTokens, 'the prompt was prefilled once');
+    for (const r of four) {
+      t.same(r.tokens, solo.tokens, 'greedy choices equal the single greedy answer');
+      t.equal(r.finish.reason, 'length');
+    }
+
+    const sampled = (seed: number) => collectChoices(engine, prompts[4], greedy({ temperature: 1, seed, maxTokens: 12 }), 3);
+    const a = await sampled(11);
+    const b = await sampled(11);
+    t.same(a.map((r) => r.tokens), b.map((r) => r.tokens), 'seeded choices are reproducible');
+    t.equal(new Set(a.map((r) => r.tokens.join(','))).size, 3, 'each choice samples its own stream');
+    t.equal(engine.stats().kvUsedCells, 0, 'all cells freed');
+
+    const tooMany = await collectChoices(engine, prompts[4], greedy(), 9);
+    for (const r of tooMany) {
+      t.equal(r.finish.reason, 'error');
+      t.match(r.finish.error, /n must be between 1 and 8/);
+    }
+  });
+
+  t.test('cancel during an n=3 request ends every choice', async (t) => {
+    const gen = engine.generate({ prompt: prompts[5], images: [], sampling: greedy({ maxTokens: 100000 }), n: 3 });
+    const finishes: string[] = [];
+    let events = 0;
+    for await (const ev of gen) {
+      if (++events === 3) gen.cancel();
+      if (ev.finish) finishes.push(ev.finish.reason);
+    }
+    t.same(finishes, ['abort', 'abort', 'abort']);
+    t.equal(engine.stats().kvUsedCells, 0);
   });
 
   t.test('a prompt longer than the context is an error, not a crash', async (t) => {

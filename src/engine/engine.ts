@@ -9,25 +9,30 @@ import type {
 export type { EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats, SamplingParams, ChatTemplateMessage };
 
 export interface GenerateInput {
+  /** Choices sampled from one shared prefill (default 1). */
+  n?: number;
   prompt: string;
   images: EngineImage[];
   sampling: SamplingParams;
 }
 
-/** Events of one request, in order; the last one carries `finish`. */
+/** Events of one request, in order; it ends after every choice's `finish` event. */
 export class Generation implements AsyncIterable<EngineEvent> {
   private queue: EngineEvent[] = [];
   private wake: (() => void) | null = null;
   private done = false;
+  private unfinished: number;
   /** Time the request was handed to the engine (ms, performance.now()). */
   readonly submittedAt = performance.now();
 
-  constructor(readonly id: number, private readonly cancelFn: (id: number) => void) {}
+  constructor(readonly id: number, readonly n: number, private readonly cancelFn: (id: number) => void) {
+    this.unfinished = n;
+  }
 
   /** Called by Engine when events for this request arrive. */
   push(ev: EngineEvent): void {
     this.queue.push(ev);
-    if (ev.finish) this.done = true;
+    if (ev.finish && --this.unfinished === 0) this.done = true;
     const w = this.wake;
     this.wake = null;
     w?.();
@@ -43,11 +48,12 @@ export class Generation implements AsyncIterable<EngineEvent> {
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<EngineEvent> {
+    let left = this.n;
     for (;;) {
       const ev = this.queue.shift();
       if (ev) {
         yield ev;
-        if (ev.finish) return;
+        if (ev.finish && --left === 0) return;
         continue;
       }
       await new Promise<void>((resolve) => (this.wake = resolve));
@@ -72,8 +78,8 @@ export class Engine {
     for (const ev of events) {
       const gen = this.live.get(ev.id);
       if (!gen) continue;
-      if (ev.finish) this.live.delete(ev.id);
       gen.push(ev);
+      if (gen.finished) this.live.delete(ev.id);
     }
   }
 
@@ -81,9 +87,10 @@ export class Engine {
   generate(input: GenerateInput, signal?: AbortSignal): Generation {
     if (this.closed) throw new Error('engine is closed');
     const id = this.nextId++;
-    const gen = new Generation(id, (i) => this.native.cancel(i));
+    const n = input.n ?? 1;
+    const gen = new Generation(id, n, (i) => this.native.cancel(i));
     this.live.set(id, gen);
-    this.native.submit({ id, prompt: input.prompt, images: input.images, sampling: input.sampling });
+    this.native.submit({ id, n, prompt: input.prompt, images: input.images, sampling: input.sampling });
     if (signal) {
       if (signal.aborted) gen.cancel();
       else signal.addEventListener('abort', () => gen.cancel(), { once: true });

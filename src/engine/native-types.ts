@@ -59,6 +59,8 @@ export interface EngineImage {
 export interface EngineRequest {
   /** Caller-chosen id, unique among live requests. */
   id: number;
+  /** Choices to sample from one shared prefill (1..maxSeqs); each gets its own events and finish. */
+  n?: number;
   /** Fully templated prompt; each image stands where the media marker (EngineInfo.mediaMarker) is. */
   prompt: string;
   images: EngineImage[];
@@ -77,12 +79,14 @@ export type FinishReason = 'stop' | 'length' | 'abort' | 'error';
 /** A batch of progress for one request; events reach JS in batches, one callback per engine step at most. */
 export interface EngineEvent {
   id: number;
+  /** Choice index, 0..n-1. */
+  index: number;
   /** Token ids generated since the last event. */
   tokens: number[];
   /** Text released since the last event (stop strings and incomplete UTF-8 held back). */
   text: string;
   logprobs?: TokenLogprob[];
-  /** Present on the last event of a request. */
+  /** Present on the last event of a choice. */
   finish?: {
     reason: FinishReason;
     promptTokens: number;
