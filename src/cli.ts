@@ -4,7 +4,8 @@ import { CliFatalError, CliUsageError } from './entrypoints/cli-args.js';
 const USAGE = `usage: caprl <command> [options]
 
 commands:
-  serve            serve a model through the OpenAI-compatible API (caprl serve MODEL.gguf --mmproj MMPROJ.gguf)
+  serve            serve a model through the OpenAI-compatible API
+                   (caprl serve internlm/CapRL-3B, a downloaded folder, or MODEL.gguf --mmproj MMPROJ.gguf)
   generate-model   write a random-weight GGUF model for tests and benchmarks
 
 Run \`caprl <command> --help\` for a command's options.
