@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { HubClient, HubError, hubOptionsFromEnv, isRepoId, repoCacheDir, type HubOptions } from '../src/hub/hub.js';
 import { classifyModel, resolveModel } from '../src/hub/model-source.js';
+import { createProgress } from '../src/hub/progress.js';
 import { startFakeHub, type FakeHub } from './helpers/fake-hub.js';
 import { writeTinyHfFolder } from './helpers/hf-folders.js';
 
@@ -158,4 +159,20 @@ t.test('resolveModel: repo id -> download -> conversion, then everything cached'
   t.equal(b.conversion?.cached, true, 'second start: converted files reused');
   t.equal(b.model, a.model);
   t.equal(weightGets().length, 0, 'second start: no weight download');
+});
+
+t.test('progress: a bar redrawn in place on a terminal, a line per 10% otherwise', async (t) => {
+  const out: string[] = [];
+  const tty = createProgress({ write: (s: string) => out.push(s), isTTY: true, columns: 100 }, 'model.safetensors', 1000);
+  tty.update(500);
+  tty.finish();
+  t.match(out[0], /^\rmodel\.safetensors \[#{12}\.{12}\]  50% 500 B\/1\.0 kB/);
+  t.ok(out.every((l) => l.startsWith('\r')) && out[out.length - 1].endsWith('\n'), 'carriage returns, one newline at the end');
+  const lines: string[] = [];
+  const plain = createProgress({ write: (s: string) => lines.push(s) }, 'f', 1000);
+  for (let i = 0; i <= 1000; i += 50) plain.update(i);
+  plain.finish();
+  t.equal(lines.length, 11, '0%..90% and the final line');
+  t.match(lines[lines.length - 1], /^f: 100% \(1\.0 kB of 1\.0 kB\)/);
+  t.ok(lines.every((l) => !l.includes('\r')));
 });
