@@ -105,6 +105,16 @@ t.test('an interrupted run leaves a .incomplete blob; the next run resumes it', 
   t.ok(snap.downloaded.includes(file) && !snap.downloaded.includes('model-00001-of-00002.safetensors'), 'files finished in the first run are not fetched again');
 });
 
+t.test('two downloads of the same repo at once: each blob fetched once', async (t) => {
+  const cacheDir = join(root, 'concurrent');
+  hub.log.length = 0;
+  const [a, b] = await Promise.all([client({ cacheDir }).snapshot(REPO, 'main'), client({ cacheDir }).snapshot(REPO, 'main')]);
+  t.equal(a.dir, b.dir);
+  t.equal(weightGets().length, 2, 'two shards, two GETs');
+  t.notOk(readdirSync(join(repoCacheDir(cacheDir, REPO), 'blobs')).some((f) => f.endsWith('.lock') || f.endsWith('.incomplete')), 'no lock or partial left');
+  for (const f of readdirSync(src)) t.equal(sha256(join(a.dir, f)), sha256(join(src, f)), f);
+});
+
 t.test('a corrupted download is refused and not cached', async (t) => {
   const c = client();
   hub.corrupt.add('model-00001-of-00002.safetensors');

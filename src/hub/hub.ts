@@ -269,30 +269,11 @@ export class HubClient {
     const meta = await this.fileMetadata(repoId, commit, file);
     const blob = join(repoDir, 'blobs', meta.etag);
     await mkdir(dirname(blob), { recursive: true });
-    if (!existsSync(blob)) {
-      const partial = `${blob}.incomplete`;
-      const hash = { h: createHash('sha256') };
-      let size = existsSync(partial) ? (await stat(partial)).size : 0;
-      if (size > 0) {
-        // Resuming: the bytes already there count toward the checksum.
-        for await (const c of createReadStream(partial)) hash.h.update(c as Buffer);
-        this.opts.log?.(`${file}: resuming at ${formatBytes(size)}`);
-      }
-      const bar = this.opts.progress ? createProgress(this.opts.progress, file, meta.size ?? 0, size) : undefined;
-      size = await this.withRetries(() => this.fetchInto(meta.url, partial, hash, (n) => bar?.update(n), file, repoId));
-      bar?.finish();
-      if (meta.size !== undefined && size !== meta.size) {
-        await rm(partial, { force: true });
-        throw new HubError(`${repoId}: ${file} downloaded ${size} bytes but the Hub said ${meta.size}; removed the partial file, run again`);
-      }
-      if (meta.lfs && /^[0-9a-f]{64}$/.test(meta.etag)) {
-        const got = hash.h.digest('hex');
-        if (got !== meta.etag) {
-          await rm(partial, { force: true });
-          throw new HubError(`${repoId}: ${file} is corrupted: its sha256 is ${got} but the Hub says ${meta.etag}; the download was deleted, run again`);
-        }
-      }
-      await rename(partial, blob);
+    const release = existsSync(blob) ? undefined : await this.lock(`${blob}.lock`, file);
+    try {
+      if (!existsSync(blob)) await this.fetchBlob(repoId, file, meta, blob);
+    } finally {
+      await release?.();
     }
     await mkdir(dirname(link), { recursive: true });
     await unlink(link).catch(() => {}); // a dangling link from an interrupted run
@@ -302,6 +283,70 @@ export class HubClient {
       await copyFile(blob, link); // no symlinks here (as huggingface_hub does on such systems)
     }
     return link;
+  }
+
+  /**
+   * One downloader per blob across processes (huggingface_hub uses a file lock too): the lock
+   * file holds the owner's pid; a lock whose owner is gone is taken over.
+   */
+  private async lock(path: string, what: string): Promise<() => Promise<void>> {
+    for (let waited = false; ; ) {
+      try {
+        const fh = await open(path, 'wx');
+        await fh.write(String(process.pid));
+        await fh.close();
+        return () => rm(path, { force: true });
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      }
+      let text: string;
+      try {
+        text = readFileSync(path, 'utf8');
+      } catch {
+        continue; // released meanwhile
+      }
+      const owner = Number(text || NaN);
+      let alive = text === '' && !waited; // just created, pid not written yet: look again
+      try {
+        alive ||= Number.isInteger(owner) && (owner === process.pid || process.kill(owner, 0));
+      } catch {
+        // no such process: a stale lock
+      }
+      if (!alive) {
+        await rm(path, { force: true });
+        continue;
+      }
+      if (!waited) this.opts.log?.(`${what}: another process (pid ${owner}) is downloading it; waiting`);
+      waited = true;
+      await sleep(500);
+    }
+  }
+
+  /** Download one blob (resuming its .incomplete file), check size and sha256, move it into place. */
+  private async fetchBlob(repoId: string, file: string, meta: { etag: string; lfs: boolean; size?: number; url: string }, blob: string): Promise<void> {
+    const partial = `${blob}.incomplete`;
+    const hash = { h: createHash('sha256') };
+    let size = existsSync(partial) ? (await stat(partial)).size : 0;
+    if (size > 0) {
+      // Resuming: the bytes already there count toward the checksum.
+      for await (const c of createReadStream(partial)) hash.h.update(c as Buffer);
+      this.opts.log?.(`${file}: resuming at ${formatBytes(size)}`);
+    }
+    const bar = this.opts.progress ? createProgress(this.opts.progress, file, meta.size ?? 0, size) : undefined;
+    size = await this.withRetries(() => this.fetchInto(meta.url, partial, hash, (n) => bar?.update(n), file, repoId));
+    bar?.finish();
+    if (meta.size !== undefined && size !== meta.size) {
+      await rm(partial, { force: true });
+      throw new HubError(`${repoId}: ${file} downloaded ${size} bytes but the Hub said ${meta.size}; removed the partial file, run again`);
+    }
+    if (meta.lfs && /^[0-9a-f]{64}$/.test(meta.etag)) {
+      const got = hash.h.digest('hex');
+      if (got !== meta.etag) {
+        await rm(partial, { force: true });
+        throw new HubError(`${repoId}: ${file} is corrupted: its sha256 is ${got} but the Hub says ${meta.etag}; the download was deleted, run again`);
+      }
+    }
+    await rename(partial, blob);
   }
 
   /**
