@@ -191,9 +191,10 @@ t.test('OpenAI-compatible server on the tiny model', async (t) => {
     t.equal(e.status, 404);
     t.match(e.message, /The model `gpt-4o` does not exist/);
 
-    e = await apiError(s.client.chat.completions.create({ model: 'caprl', messages: msg, n: 2 }));
+    e = await apiError(s.client.chat.completions.create({ model: 'caprl', messages: msg, n: 9 }));
     t.equal(e.status, 400);
-    t.match(e.message, /not yet supported/);
+    t.equal(e.param, 'n');
+    t.match(e.message, /must be in \[1, 8\]/, 'n above --max-num-seqs');
 
     e = await apiError(s.client.chat.completions.create({ model: 'caprl', messages: msg, max_tokens: 5000 }));
     t.equal(e.status, 400);
@@ -205,11 +206,11 @@ t.test('OpenAI-compatible server on the tiny model', async (t) => {
 
     e = await apiError(s.client.chat.completions.create({
       model: 'caprl',
-      messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'https://example.com/a.png' } }] }],
+      messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'ftp://example.com/a.png' } }] }],
     }));
     t.equal(e.status, 400);
     t.equal(e.param, 'messages[0].content[0].image_url.url');
-    t.match(e.message, /base64 data URI/);
+    t.match(e.message, /data: URI .*http\(s\):\/\/ URL or a file:\/\/ URL/);
 
     e = await apiError(s.client.chat.completions.create({
       model: 'caprl',

@@ -110,6 +110,11 @@ t.test('small details', async (t) => {
   t.equal(v({ stream: true, stream_options: {} }).includeUsage, false);
   t.equal(v({ tools: [], logit_bias: {}, response_format: { type: 'text' }, best_of: 1 }).model, 'caprl', 'empty/neutral unsupported fields are fine');
   t.equal(v({ some_future_field: 1 }).model, 'caprl', 'unknown fields are ignored (vLLM)');
+  t.equal(v({}).n, 1, 'n defaults to 1');
+  t.equal(v({ n: 4 }).n, 4, 'n > 1 is served (one shared prefill)');
+  t.equal(v({ user: 'u-1', skip_special_tokens: true }).model, 'caprl', 'user and skip_special_tokens are accepted');
+  t.throws(() => validateChatRequest({ messages: [{ role: 'user', content: 'x' }], n: 5 }, { servedModelNames: ['caprl'], maxN: 4 }),
+    { status: 400, param: 'n', message: /\[1, 4\]/ }, 'n above --max-num-seqs');
 });
 
 t.test('out-of-range and wrongly typed values name their field', async (t) => {
@@ -138,8 +143,10 @@ t.test('out-of-range and wrongly typed values name their field', async (t) => {
   bad(t, { stop_token_ids: [-1] }, 'stop_token_ids');
   bad(t, { stop_token_ids: 'x' }, 'stop_token_ids');
   bad(t, { ignore_eos: 'yes' }, 'ignore_eos', /boolean/);
-  bad(t, { n: 2 }, 'n', /not yet supported/);
   bad(t, { n: 0 }, 'n');
+  bad(t, { n: 1.5 }, 'n', /integer/);
+  bad(t, { user: 5 }, 'user', /string/);
+  bad(t, { skip_special_tokens: 'no' }, 'skip_special_tokens', /boolean/);
   bad(t, { logprobs: 1 }, 'logprobs', /boolean/);
   bad(t, { top_logprobs: 3 }, 'top_logprobs', /logprobs` must be set to true/);
   bad(t, { logprobs: true, top_logprobs: 21 }, 'top_logprobs', /\[0, 20\]/);

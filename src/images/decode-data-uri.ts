@@ -60,7 +60,8 @@ export function decodeImageDataUri(url: string): DecodedImageBytes {
   if (!params.slice(1).some((p) => p.toLowerCase() === 'base64')) {
     throw new ImageInputError('invalid_data_uri', 'only base64 data URIs are supported (data:<type>;base64,<data>)');
   }
-  if (declaredType !== '' && !declaredType.startsWith('image/')) {
+  // "data:image;base64,..." (no subtype) is what Qwen2.5-VL's and CapRL's own examples send.
+  if (declaredType !== '' && declaredType !== 'image' && !declaredType.startsWith('image/')) {
     throw new ImageInputError('invalid_data_uri', `data URI media type must be an image/* type, got "${declaredType}"`);
   }
   let data = url.slice(comma + 1);

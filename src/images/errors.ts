@@ -7,7 +7,13 @@ export type ImageErrorCode =
   | 'invalid_base64'
   | 'unsupported_image_format'
   | 'image_decode_failed'
-  | 'invalid_image_size';
+  | 'invalid_image_size'
+  | 'image_fetch_failed'
+  | 'image_fetch_timeout'
+  | 'image_too_large'
+  | 'local_media_not_allowed'
+  | 'local_media_forbidden'
+  | 'local_media_not_found';
 
 export class ImageInputError extends Error {
   constructor(readonly code: ImageErrorCode, message: string) {

@@ -50,6 +50,7 @@ export async function startTestServer(opts: TestServerOptions = {}): Promise<Tes
       servedModelNames: ['caprl'],
       modelPath: model,
       maxModelLen: engineOptions.maxModelLen,
+      maxNumSeqs: engineOptions.maxSeqs,
       ...opts.server,
     });
     await app.listen({ host: '127.0.0.1', port: 0 });

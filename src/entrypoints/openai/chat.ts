@@ -1,31 +1,44 @@
-// POST /v1/chat/completions: validated request -> images prepared -> chat template -> prompt
-// measured against the context -> engine -> one JSON response, or an SSE stream.
+// POST /v1/chat/completions: validated request -> images loaded (data:, http(s), file://) and
+// prepared -> chat template -> prompt measured against the context -> engine (n choices from
+// one prefill) -> one JSON response, or an SSE stream whose chunks carry each choice's index.
 // A client that disconnects aborts its generation (AbortSignal -> engine cancel), so the
 // engine frees the request's KV cells at once.
 import { randomBytes } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine } from '../../engine/engine.js';
-import type { ChatTemplateMessage, EngineImage, FinishReason, TokenLogprob } from '../../engine/native-types.js';
+import type { ChatTemplateMessage, EngineImage, TokenLogprob } from '../../engine/native-types.js';
 import { ImageInputError } from '../../images/errors.js';
-import { prepareImageFromDataUri, type PrepareOptions } from '../../images/prepare.js';
+import { loadImageBytes, type ImageSourceOptions } from '../../images/image-source.js';
+import { prepareImage, type PrepareOptions } from '../../images/prepare.js';
 import { qwenImageTokens } from '../../images/qwen-resize.js';
-import { badRequest, internalError, serviceUnavailable, toApiError } from './errors.js';
-import type {
-  ChatCompletionResponse, ChatCompletionTokenLogprob, ResponseFinishReason, Usage,
-} from './protocol.js';
+import { badRequest, serviceUnavailable, toApiError, type ApiError } from './errors.js';
+import {
+  choiceFailure, collectChoices, finishToResponse, SeedSource, startGeneration, usageOf, type Finish,
+} from './generation.js';
+import type { ChatCompletionResponse, ChatCompletionTokenLogprob, Usage } from './protocol.js';
 import { ChatChunkBuilder, SseWriter } from './sse.js';
 import { resolveMaxTokens, validateChatRequest, type ValidatedMessage } from './validate.js';
+
+export { derivedSeed } from './generation.js';
 
 export interface ChatHandlerOptions {
   engine: Engine;
   servedModelNames: readonly string[];
   /** Image resize limits etc. (defaults: HF Qwen2.5-VL's). */
   imageOptions?: PrepareOptions;
+  /** Where image URLs may be fetched / read from, and the limits on that. */
+  imageSource?: ImageSourceOptions;
+  /** Most images in one request (--limit-mm-per-prompt); default unlimited. */
+  limitImagesPerPrompt?: number;
   maxLogprobs?: number;
+  /** Most choices per request (`n`): the engine's sequence slots. */
+  maxNumSeqs?: number;
   /** Per-request context limit (prompt + completion); default engine.info.nCtx. */
   maxModelLen?: number;
   /** Server-wide seed (vLLM --seed): requests without `seed` get seeds drawn from it in arrival order. */
   seed?: number;
+  /** One info log line per request (default true; --disable-log-requests). */
+  logRequests?: boolean;
   /** False while the server shuts down: new requests get 503. */
   isAccepting?: () => boolean;
 }
@@ -74,17 +87,7 @@ export function countPromptTokens(engine: Engine, prompt: string, images: Engine
   return n;
 }
 
-/** Seed number `counter` of the sequence the server seed `base` defines, in [0, 2^31). */
-export function derivedSeed(base: number, counter: number): number {
-  // splitmix32-style mixing of (base, counter); stable across runs and platforms.
-  let h = (Math.imul(base | 0, 0x9e3779b9) ^ Math.imul(counter | 0, 0x85ebca6b)) >>> 0;
-  h = Math.imul(h ^ (h >>> 16), 0x21f0aaad) >>> 0;
-  h = Math.imul(h ^ (h >>> 15), 0x735a2d97) >>> 0;
-  h = (h ^ (h >>> 15)) >>> 0;
-  return h & 0x7fffffff;
-}
-
-function clampLogprob(x: number): number {
+export function clampLogprob(x: number): number {
   // vLLM reports -inf as -9999.0 so the JSON stays valid.
   return Number.isFinite(x) ? x : -9999.0;
 }
@@ -103,32 +106,48 @@ export function toOpenAILogprobs(lps: TokenLogprob[], topN: number): ChatComplet
   }));
 }
 
-function finishToResponse(reason: FinishReason): ResponseFinishReason {
-  return reason === 'length' ? 'length' : 'stop';
-}
-
-async function prepareImages(
+/** Checks the image count, then loads (data:, http(s), file://) and prepares every image, in parallel. */
+export async function prepareImages(
   images: { url: string; param: string }[],
-  opts: PrepareOptions,
+  opts: { imageOptions: PrepareOptions; imageSource: ImageSourceOptions; limit?: number },
+  signal: AbortSignal,
 ): Promise<EngineImage[]> {
-  return Promise.all(
-    images.map(async ({ url, param }) => {
-      try {
-        const p = await prepareImageFromDataUri(url, opts);
-        return { width: p.width, height: p.height, rgb: p.rgb };
-      } catch (err) {
-        if (err instanceof ImageInputError) throw badRequest(err.message, param, err.code);
-        throw err;
-      }
-    }),
-  );
+  if (opts.limit !== undefined && images.length > opts.limit) {
+    throw badRequest(
+      `At most ${opts.limit} image(s) may be provided in one prompt (--limit-mm-per-prompt), got ${images.length}.`,
+      images[opts.limit]!.param,
+      'too_many_images',
+    );
+  }
+  // The first failure stops the other downloads.
+  const ac = new AbortController();
+  const both = AbortSignal.any([signal, ac.signal]);
+  try {
+    return await Promise.all(
+      images.map(async ({ url, param }) => {
+        try {
+          const bytes = await loadImageBytes(url, opts.imageSource, both);
+          const p = await prepareImage(bytes, opts.imageOptions);
+          return { width: p.width, height: p.height, rgb: p.rgb };
+        } catch (err) {
+          if (err instanceof ImageInputError) throw badRequest(err.message, param, err.code);
+          throw err;
+        }
+      }),
+    );
+  } catch (err) {
+    ac.abort();
+    throw err;
+  }
 }
 
 export function createChatCompletionHandler(opts: ChatHandlerOptions) {
   const { engine } = opts;
   const imageOptions = opts.imageOptions ?? {};
+  const imageSource = opts.imageSource ?? {};
   const maxModelLen = Math.min(opts.maxModelLen ?? engine.info.nCtx, engine.info.nCtx);
-  let seedCounter = 0;
+  const seeds = new SeedSource(opts.seed);
+  const logRequests = opts.logRequests ?? true;
 
   return async function chatCompletions(request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
     if (opts.isAccepting && !opts.isAccepting()) throw serviceUnavailable('The server is shutting down');
@@ -136,6 +155,7 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
       servedModelNames: opts.servedModelNames,
       nVocab: engine.info.nVocab,
       maxLogprobs: opts.maxLogprobs,
+      maxN: opts.maxNumSeqs,
     });
 
     // Client gone (socket closed before we finished answering) -> abort everything downstream.
@@ -153,7 +173,16 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
         imageRefs[0]!.param,
       );
     }
-    const images = await prepareImages(imageRefs, imageOptions);
+    let images: EngineImage[];
+    try {
+      images = await prepareImages(imageRefs, { imageOptions, imageSource, limit: opts.limitImagesPerPrompt }, ac.signal);
+    } catch (err) {
+      if (ac.signal.aborted) {
+        reply.hijack(); // the client left while its images were loading
+        return undefined;
+      }
+      throw err;
+    }
     let prompt: string;
     try {
       prompt = engine.applyChatTemplate(templateMessages, req.addGenerationPrompt);
@@ -162,8 +191,7 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
     }
     const promptTokens = countPromptTokens(engine, prompt, images);
     const maxTokens = resolveMaxTokens(req.maxTokens, promptTokens, maxModelLen);
-    const sampling = { ...req.sampling, maxTokens };
-    if (sampling.seed < 0 && opts.seed !== undefined) sampling.seed = derivedSeed(opts.seed, seedCounter++);
+    const sampling = seeds.apply({ ...req.sampling, maxTokens });
 
     if (ac.signal.aborted) {
       // The client left while images were being prepared; nobody to answer.
@@ -173,56 +201,43 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
 
     const id = newCompletionId();
     const created = Math.floor(Date.now() / 1000);
-    let gen;
-    try {
-      gen = engine.generate({ prompt, images, sampling }, ac.signal);
-    } catch (err) {
-      throw serviceUnavailable(`The engine is not accepting requests: ${err instanceof Error ? err.message : String(err)}`);
-    }
+    const n = req.n;
+    const gen = startGeneration(engine, { prompt, images, sampling, n }, ac.signal);
     const startedAt = performance.now();
     const logDone = (reason: string, usage: Usage | null): void => {
+      if (!logRequests) return;
       request.log.info({
-        id, finish: reason, promptTokens: usage?.prompt_tokens, completionTokens: usage?.completion_tokens,
+        id, finish: reason, n, promptTokens: usage?.prompt_tokens, completionTokens: usage?.completion_tokens,
         images: images.map((i) => `${i.width}x${i.height}`), ms: Math.round(performance.now() - startedAt),
       }, 'chat completion');
     };
 
     if (!req.stream) {
-      let text = '';
-      const lps: TokenLogprob[] = [];
-      let finish;
-      for await (const ev of gen) {
-        text += ev.text;
-        if (ev.logprobs) lps.push(...ev.logprobs);
-        if (ev.finish) finish = ev.finish;
-      }
-      if (!finish || finish.reason === 'abort') {
-        logDone('abort', null);
+      const choices = await collectChoices(gen);
+      const usage = usageOf(choices.map((c) => c.finish));
+      if (choices.some((c) => c.finish.reason === 'abort')) {
+        logDone('abort', usage);
         if (ac.signal.aborted) {
           reply.hijack(); // the client is gone
           return undefined;
         }
         throw serviceUnavailable('The request was aborted by the server');
       }
-      const usage: Usage = {
-        prompt_tokens: finish.promptTokens,
-        completion_tokens: finish.completionTokens,
-        total_tokens: finish.promptTokens + finish.completionTokens,
-      };
-      logDone(finish.reason, usage);
-      if (finish.reason === 'error') throw internalError(`Generation failed: ${finish.error ?? 'unknown engine error'}`);
+      const failed = choices.find((c) => c.finish.reason === 'error');
+      logDone(failed ? 'error' : choices.map((c) => c.finish.reason).join(','), usage);
+      if (failed) throw choiceFailure(failed.finish)!;
       const body: ChatCompletionResponse = {
         id,
         object: 'chat.completion',
         created,
         model: req.model,
-        choices: [{
-          index: 0,
-          message: { role: 'assistant', content: text },
-          logprobs: req.logprobs ? { content: toOpenAILogprobs(lps, req.topLogprobs) } : null,
-          finish_reason: finishToResponse(finish.reason),
-          stop_reason: finish.stoppedBy ?? null,
-        }],
+        choices: choices.map((c) => ({
+          index: c.index,
+          message: { role: 'assistant', content: c.text },
+          logprobs: req.logprobs ? { content: toOpenAILogprobs(c.logprobs, req.topLogprobs) } : null,
+          finish_reason: finishToResponse(c.finish.reason),
+          stop_reason: c.finish.stoppedBy ?? null,
+        })),
         usage,
       };
       return reply.code(200).send(body);
@@ -232,33 +247,37 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
     reply.hijack();
     const writer = new SseWriter(res);
     const chunks = new ChatChunkBuilder(id, created, req.model, req.includeUsage);
+    const finishes: Finish[] = [];
     try {
       writer.start();
-      let open = await writer.send(chunks.role());
+      let open = true;
+      // vLLM opens every choice with its role chunk first.
+      for (let i = 0; i < n && open; i++) open = await writer.send(chunks.role(i));
+      if (!open) gen.cancel();
+      let failure: ApiError | null = null;
       for await (const ev of gen) {
-        if (open && (ev.text.length > 0 || (req.logprobs && ev.logprobs && ev.logprobs.length > 0))) {
+        if (open && !failure && (ev.text.length > 0 || (req.logprobs && ev.logprobs && ev.logprobs.length > 0))) {
           const lp = req.logprobs ? { content: toOpenAILogprobs(ev.logprobs ?? [], req.topLogprobs) } : null;
-          open = await writer.send(chunks.content(ev.text, lp));
+          open = await writer.send(chunks.content(ev.text, lp, ev.index));
           if (!open) gen.cancel();
         }
         const f = ev.finish;
         if (!f) continue;
-        const usage: Usage = {
-          prompt_tokens: f.promptTokens,
-          completion_tokens: f.completionTokens,
-          total_tokens: f.promptTokens + f.completionTokens,
-        };
-        logDone(f.reason, usage);
-        if (!open || writer.isClosed) break;
-        if (f.reason === 'error' || f.reason === 'abort') {
-          const err = f.reason === 'error'
-            ? internalError(`Generation failed: ${f.error ?? 'unknown engine error'}`)
-            : serviceUnavailable('The request was aborted by the server');
-          await writer.send(err.toJSON());
-        } else {
-          await writer.send(chunks.finish(finishToResponse(f.reason), f.stoppedBy ?? null));
-          if (req.includeUsage) await writer.send(chunks.usage(usage));
+        finishes.push(f);
+        const bad = choiceFailure(f);
+        if (bad) {
+          // One failed choice fails the request: stop the others.
+          if (!failure) gen.cancel();
+          failure ??= bad;
+          continue;
         }
+        if (open && !failure) open = await writer.send(chunks.finish(finishToResponse(f.reason), f.stoppedBy ?? null, ev.index));
+      }
+      const usage = usageOf(finishes);
+      logDone(failure ? (finishes.some((f) => f.reason === 'error') ? 'error' : 'abort') : finishes.map((f) => f.reason).join(','), usage);
+      if (open && !writer.isClosed) {
+        if (failure) await writer.send(failure.toJSON());
+        else if (req.includeUsage) await writer.send(chunks.usage(usage));
         await writer.done();
       }
     } catch (err) {

@@ -1,6 +1,7 @@
-// The OpenAI chat-completions protocol as this server speaks it (the subset vLLM serves for a
-// captioner), in one place. Request types describe what clients may send (loosely typed where
-// validation has to look at raw JSON); response types are exactly what we emit.
+// The OpenAI protocol as this server speaks it (chat and text completions, models, vLLM's
+// tokenize / detokenize: the subset vLLM serves for a captioner), in one place. Request types
+// describe what clients may send (loosely typed where validation has to look at raw JSON);
+// response types are exactly what we emit.
 
 // ---------- requests ----------
 
@@ -122,6 +123,57 @@ export interface ChatCompletionChunk {
   choices: ChatCompletionChunkChoice[];
   /** Present (null until the last chunk) only when stream_options.include_usage is true. */
   usage?: Usage | null;
+}
+
+// ---------- text completions (/v1/completions) ----------
+
+/** Legacy completions logprobs: parallel arrays, top alternatives as {token: logprob}. */
+export interface CompletionLogprobs {
+  text_offset: number[];
+  token_logprobs: (number | null)[];
+  tokens: string[];
+  top_logprobs: (Record<string, number> | null)[];
+}
+
+export interface CompletionChoice {
+  index: number;
+  text: string;
+  logprobs: CompletionLogprobs | null;
+  finish_reason: ResponseFinishReason | null;
+  /** vLLM extension, as in chat. */
+  stop_reason: string | number | null;
+}
+
+export interface CompletionResponse {
+  id: string;
+  object: 'text_completion';
+  created: number;
+  model: string;
+  choices: CompletionChoice[];
+  usage: Usage;
+}
+
+export interface CompletionChunk {
+  id: string;
+  object: 'text_completion';
+  created: number;
+  model: string;
+  choices: CompletionChoice[];
+  usage?: Usage | null;
+}
+
+// ---------- vLLM's /tokenize and /detokenize ----------
+
+export interface TokenizeResponse {
+  count: number;
+  max_model_len: number;
+  tokens: number[];
+  /** The text of each token, when return_token_strs is true; else null. */
+  token_strs: string[] | null;
+}
+
+export interface DetokenizeResponse {
+  prompt: string;
 }
 
 export interface ModelCard {

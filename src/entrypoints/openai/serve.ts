@@ -7,6 +7,8 @@ import type { EngineOptions } from '../../engine/native-types.js';
 import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
 import { buildServer } from './server.js';
 import { MODEL_SOURCE_FLAGS, resolveServeModel } from '../../hub/model-source.js';
+import { imageSourceOptionsFromEnv } from '../../images/image-source.js';
+import { VLLM_COMPAT_FLAGS, vllmCompatConfig, type VllmCompatConfig } from './vllm-flags.js';
 
 export const SERVE_DEFAULTS = {
   port: 8000,
@@ -39,6 +41,7 @@ export const SERVE_SPEC: CommandSpec = {
     { name: 'chat-template', type: 'string', dest: 'chatTemplate', metavar: 'FILE_OR_TEMPLATE', help: "jinja chat template overriding the model's: a file path or the template itself" },
     { name: 'seed', type: 'int', dest: 'seed', help: 'server-wide seed: requests without `seed` draw reproducible seeds from it' },
     { name: 'uvicorn-log-level', type: 'string', dest: 'logLevel', choices: ['critical', 'error', 'warning', 'info', 'debug', 'trace'], help: `HTTP server log level (default: ${SERVE_DEFAULTS.logLevel})` },
+    ...VLLM_COMPAT_FLAGS, // --api-key, --limit-mm-per-prompt, --tensor-parallel-size ... (vllm-flags.ts)
   ],
 };
 
@@ -57,6 +60,8 @@ export interface ServeConfig {
   chatTemplate?: string;
   seed?: number;
   logLevel: string;
+  /** The vLLM flags' settings (api keys, image limits, notes for flags without effect). */
+  vllm: VllmCompatConfig;
 }
 
 /**
@@ -91,7 +96,7 @@ const FASTIFY_LEVELS: Record<string, string> = {
 };
 
 /** Flags -> a checked configuration. Throws CliUsageError for anything a user must fix. */
-export function serveConfigFromArgs(values: Record<string, ParsedValue>): ServeConfig {
+export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: NodeJS.ProcessEnv = process.env): ServeConfig {
   const tag = str(values, 'modelTag');
   const flagModel = str(values, 'model');
   if (tag && flagModel && tag !== flagModel) {
@@ -134,6 +139,7 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>): ServeC
     chatTemplate: chatTemplateRaw === undefined ? undefined : resolveChatTemplate(chatTemplateRaw),
     seed: int(values, 'seed'),
     logLevel: FASTIFY_LEVELS[str(values, 'logLevel') ?? SERVE_DEFAULTS.logLevel] ?? 'info',
+    vllm: vllmCompatConfig(values, env),
   };
 }
 
@@ -159,6 +165,8 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     process.stdout.write(formatHelp(SERVE_SPEC));
     return 0;
   }
+  // vLLM flags first (e.g. --tensor-parallel-size 2), before any download.
+  vllmCompatConfig(parsed.values);
   // A Hugging Face folder or repo id becomes a GGUF pair here (download + conversion, cached).
   const cfg = serveConfigFromArgs(await resolveServeModel(parsed.values));
 
@@ -175,7 +183,18 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     maxModelLen: cfg.maxModelLen,
     seed: cfg.seed,
     logger: { level: cfg.logLevel },
+    apiKeys: cfg.vllm.apiKeys,
+    limitImagesPerPrompt: cfg.vllm.limitImagesPerPrompt,
+    imageOptions: { minPixels: cfg.vllm.minPixels, maxPixels: cfg.vllm.maxPixels },
+    imageSource: { ...imageSourceOptionsFromEnv(), allowedLocalMediaPath: cfg.vllm.allowedLocalMediaPath },
+    maxLogprobs: cfg.vllm.maxLogprobs,
+    maxNumSeqs: cfg.maxNumSeqs,
+    logRequests: cfg.vllm.logRequests,
   });
+  // One line per vLLM flag accepted without (full) effect.
+  for (const note of cfg.vllm.notes) app.log.warn(note);
+  if (cfg.vllm.apiKeys.length > 0) app.log.info(`API key required on /v1/* (${cfg.vllm.apiKeys.length} key${cfg.vllm.apiKeys.length > 1 ? 's' : ''})`);
+  if (cfg.vllm.allowedLocalMediaPath) app.log.warn(`file:// images may be read from ${cfg.vllm.allowedLocalMediaPath} (--allowed-local-media-path)`);
   const info = engine.info;
   if (cfg.mmproj && !info.hasVision) app.log.warn(`${cfg.mmproj} loaded but reports no vision support`);
   if (!cfg.mmproj) app.log.warn('no --mmproj given: image requests will be refused');

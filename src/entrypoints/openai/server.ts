@@ -1,13 +1,18 @@
-// The Fastify app: POST /v1/chat/completions, GET /v1/models, GET /health. Every error a
-// client can cause (bad JSON, oversized body, unknown route, invalid fields) comes back as
-// OpenAI's error object; nothing a request carries can crash the process.
-import Fastify, { LogController, type FastifyInstance, type FastifyServerOptions } from 'fastify';
+// The Fastify app: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+// GET|POST /ping, GET /version, POST /tokenize, POST /detokenize (vllm serve's endpoints), with
+// --api-key on /v1/*. Every error a client can cause (bad JSON, oversized body, unknown route,
+// wrong method, invalid fields, missing key) comes back as OpenAI's error object; nothing a
+// request carries can crash the process.
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify';
 import type { Engine } from '../../engine/engine.js';
+import { imageSourceOptionsFromEnv, type ImageSourceOptions } from '../../images/image-source.js';
 import type { PrepareOptions } from '../../images/prepare.js';
 import { LLAMA_CPP_QWEN25VL_LIMITS } from '../../images/qwen-resize.js';
+import { installApiKeyAuth } from './auth.js';
 import { createChatCompletionHandler } from './chat.js';
-import { notFound, toApiError } from './errors.js';
+import { ApiError, notFound, toApiError } from './errors.js';
 import type { ModelList } from './protocol.js';
+import { registerVllmRoutes } from './vllm-routes.js';
 
 export interface ServerOptions {
   engine: Engine;
@@ -29,6 +34,18 @@ export interface ServerOptions {
   /** Server-wide seed: requests without `seed` get seeds drawn from it, in arrival order (vLLM --seed). */
   seed?: number;
   logger?: FastifyServerOptions['logger'];
+  /** Bearer keys required on /v1/* (--api-key / VLLM_API_KEY); none = open. */
+  apiKeys?: readonly string[];
+  /** Most images per request (--limit-mm-per-prompt); default 999, vLLM V1's. */
+  limitImagesPerPrompt?: number;
+  /** Image URL fetching / file:// access; defaults from the environment (VLLM_IMAGE_FETCH_TIMEOUT ...). */
+  imageSource?: ImageSourceOptions;
+  /** Most top logprobs a request may ask for (--max-logprobs, default 20). */
+  maxLogprobs?: number;
+  /** The engine's sequence slots (--max-num-seqs): the largest `n`. */
+  maxNumSeqs?: number;
+  /** One log line per request (default true; --disable-log-requests turns it off). */
+  logRequests?: boolean;
 }
 
 export const DEFAULT_BODY_LIMIT = 64 * 1024 * 1024;
@@ -56,22 +73,52 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
     if (apiErr.status >= 500) request.log.error({ err }, 'request failed');
     void reply.code(apiErr.status).type('application/json').send(apiErr.toJSON());
   });
+  installApiKeyAuth(app, opts.apiKeys ?? []);
   app.setNotFoundHandler((request, reply) => {
-    const e = notFound(`Not Found: ${request.method} ${request.url.split('?')[0]}`);
+    const path = request.url.split('?')[0]!;
+    // A known path asked with the wrong method: 405, as vLLM (FastAPI) answers.
+    const allowed = ['GET', 'POST'].filter((method) => app.hasRoute({ method: method as 'GET' | 'POST', url: path }));
+    if (allowed.length > 0) {
+      const e = new ApiError(405, `Method Not Allowed: ${request.method} ${path} (use ${allowed.join(' or ')})`, 'invalid_request_error', null, 'method_not_allowed');
+      void reply.code(405).header('allow', allowed.join(', ')).send(e.toJSON());
+      return;
+    }
+    const e = notFound(`Not Found: ${request.method} ${path}`);
     void reply.code(404).send(e.toJSON());
   });
 
   const created = Math.floor(Date.now() / 1000);
   const maxModelLen = Math.min(opts.maxModelLen ?? engine.info.nCtx, engine.info.nCtx);
 
+  const imageOptions = opts.imageOptions ?? { ...LLAMA_CPP_QWEN25VL_LIMITS };
+  const imageSource = opts.imageSource ?? imageSourceOptionsFromEnv();
+  const limitImagesPerPrompt = opts.limitImagesPerPrompt ?? 999;
   app.post('/v1/chat/completions', createChatCompletionHandler({
     engine,
     servedModelNames: opts.servedModelNames,
     maxModelLen,
-    imageOptions: opts.imageOptions ?? { ...LLAMA_CPP_QWEN25VL_LIMITS },
+    imageOptions,
+    imageSource,
+    limitImagesPerPrompt,
+    maxLogprobs: opts.maxLogprobs,
+    maxNumSeqs: opts.maxNumSeqs,
     seed: opts.seed,
+    logRequests: opts.logRequests,
     isAccepting: () => accepting,
   }));
+  registerVllmRoutes(app, {
+    engine,
+    servedModelNames: opts.servedModelNames,
+    maxModelLen,
+    imageOptions,
+    imageSource,
+    limitImagesPerPrompt,
+    maxLogprobs: opts.maxLogprobs,
+    maxNumSeqs: opts.maxNumSeqs,
+    seed: opts.seed,
+    logRequests: opts.logRequests,
+    isAccepting: () => accepting,
+  });
 
   app.get('/v1/models', async (): Promise<ModelList> => ({
     object: 'list',
@@ -86,10 +133,14 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
     })),
   }));
 
-  app.get('/health', async (_request, reply) => {
+  const health = async (_request: unknown, reply: FastifyReply): Promise<FastifyReply> => {
     if (!accepting) return reply.code(503).send();
     return reply.code(200).send();
-  });
+  };
+  app.get('/health', health);
+  // vLLM (SageMaker): /ping answers as /health, to GET and POST.
+  app.get('/ping', health);
+  app.post('/ping', health);
 
   return app;
 }

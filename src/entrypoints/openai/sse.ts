@@ -7,7 +7,7 @@
 // With include_usage every chunk carries "usage": null except the last, as OpenAI does.
 import type { ServerResponse } from 'node:http';
 import type {
-  ChatCompletionChunk, ChoiceLogprobs, ErrorResponse, ResponseFinishReason, Usage,
+  ChatCompletionChunk, ChoiceLogprobs, CompletionChunk, ErrorResponse, ResponseFinishReason, Usage,
 } from './protocol.js';
 
 export const SSE_DONE = 'data: [DONE]\n\n';
@@ -24,7 +24,7 @@ export const SSE_HEADERS: Record<string, string> = {
   'x-accel-buffering': 'no',
 };
 
-/** Builds the chunks of one streamed choice-0 completion. */
+/** Builds the chunks of one streamed chat completion (every choice carries its index). */
 export class ChatChunkBuilder {
   constructor(
     readonly id: string,
@@ -39,17 +39,17 @@ export class ChatChunkBuilder {
     return c;
   }
 
-  /** First chunk: the assistant role and empty content. */
-  role(): ChatCompletionChunk {
-    return this.chunk([{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]);
+  /** First chunk of a choice: the assistant role and empty content. */
+  role(index = 0): ChatCompletionChunk {
+    return this.chunk([{ index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]);
   }
 
-  content(text: string, logprobs: ChoiceLogprobs | null = null): ChatCompletionChunk {
-    return this.chunk([{ index: 0, delta: { content: text }, logprobs, finish_reason: null }]);
+  content(text: string, logprobs: ChoiceLogprobs | null = null, index = 0): ChatCompletionChunk {
+    return this.chunk([{ index, delta: { content: text }, logprobs, finish_reason: null }]);
   }
 
-  finish(reason: ResponseFinishReason, stopReason: string | number | null): ChatCompletionChunk {
-    return this.chunk([{ index: 0, delta: {}, logprobs: null, finish_reason: reason, stop_reason: stopReason }]);
+  finish(reason: ResponseFinishReason, stopReason: string | number | null, index = 0): ChatCompletionChunk {
+    return this.chunk([{ index, delta: {}, logprobs: null, finish_reason: reason, stop_reason: stopReason }]);
   }
 
   usage(usage: Usage): ChatCompletionChunk {
@@ -80,7 +80,7 @@ export class SseWriter {
     this.res.flushHeaders();
   }
 
-  async send(payload: ChatCompletionChunk | ErrorResponse): Promise<boolean> {
+  async send(payload: ChatCompletionChunk | CompletionChunk | ErrorResponse): Promise<boolean> {
     return this.write(sseEvent(payload));
   }
 

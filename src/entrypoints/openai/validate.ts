@@ -16,16 +16,22 @@ export interface ValidatedMessage {
   parts: PromptPart[];
 }
 
-export interface ValidatedChatRequest {
+/** What chat and text completions share: model, sampling, n, streaming. */
+export interface ValidatedGenerationFields {
   /** The served model name to report back. */
   model: string;
-  messages: ValidatedMessage[];
-  /** Everything but maxTokens (0 here), settled by resolveMaxTokens. */
+  /** Everything but maxTokens (0 here), settled by resolveMaxTokens; logprobs set by the caller. */
   sampling: SamplingParams;
   /** max_completion_tokens ?? max_tokens; null = fill the rest of the context (vLLM). */
   maxTokens: number | null;
+  /** Choices per prompt, sampled from one shared prefill. */
+  n: number;
   stream: boolean;
   includeUsage: boolean;
+}
+
+export interface ValidatedChatRequest extends ValidatedGenerationFields {
+  messages: ValidatedMessage[];
   /** Whether choice.logprobs is returned, and how many alternatives per token. */
   logprobs: boolean;
   topLogprobs: number;
@@ -40,6 +46,8 @@ export interface ValidationContext {
   nVocab?: number;
   /** Highest top_logprobs accepted (vLLM's max_logprobs default: 20). */
   maxLogprobs?: number;
+  /** Highest `n` accepted (the engine's sequence slots, --max-num-seqs); default unlimited. */
+  maxN?: number;
 }
 
 /** Greedy below this temperature, as vLLM (_SAMPLING_EPS). */
@@ -48,17 +56,17 @@ const SEED_MODULUS = 2 ** 31;
 
 type Json = Record<string, unknown>;
 
-function isObject(v: unknown): v is Json {
+export function isObject(v: unknown): v is Json {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
-function describe(v: unknown): string {
+export function describe(v: unknown): string {
   if (v === null) return 'null';
   if (Array.isArray(v)) return 'an array';
   return typeof v === 'string' ? 'a string' : typeof v;
 }
 
-interface NumberRule {
+export interface NumberRule {
   integer?: boolean;
   min?: number;
   max?: number;
@@ -69,7 +77,7 @@ interface NumberRule {
 }
 
 /** A numeric field; null/undefined -> undefined. */
-function num(body: Json, field: string, rule: NumberRule): number | undefined {
+export function num(body: Json, field: string, rule: NumberRule): number | undefined {
   const v = body[field];
   if (v === undefined || v === null) return undefined;
   if (typeof v !== 'number' || !Number.isFinite(v)) {
@@ -84,7 +92,7 @@ function num(body: Json, field: string, rule: NumberRule): number | undefined {
   return v;
 }
 
-function bool(body: Json, field: string): boolean | undefined {
+export function bool(body: Json, field: string): boolean | undefined {
   const v = body[field];
   if (v === undefined || v === null) return undefined;
   if (typeof v !== 'boolean') throw badRequest(`\`${field}\` must be a boolean, got ${describe(v)}`, field);
@@ -92,7 +100,7 @@ function bool(body: Json, field: string): boolean | undefined {
 }
 
 /** Fields that would change the output in ways not supported yet: refused rather than ignored. */
-const UNSUPPORTED: { field: string; isSet: (v: unknown) => boolean; why: string }[] = [
+export const UNSUPPORTED: { field: string; isSet: (v: unknown) => boolean; why: string }[] = [
   { field: 'tools', isSet: (v) => Array.isArray(v) && v.length > 0, why: 'tool calling is not supported' },
   { field: 'functions', isSet: (v) => Array.isArray(v) && v.length > 0, why: 'function calling is not supported' },
   {
@@ -121,7 +129,7 @@ const ROLE_MAP: Record<string, ValidatedMessage['role']> = {
   assistant: 'assistant',
 };
 
-function validateMessages(v: unknown): ValidatedMessage[] {
+export function validateMessages(v: unknown): ValidatedMessage[] {
   if (v === undefined || v === null) throw badRequest('`messages` is required', 'messages');
   if (!Array.isArray(v)) throw badRequest(`\`messages\` must be an array, got ${describe(v)}`, 'messages');
   if (v.length === 0) throw badRequest('`messages` must contain at least one message', 'messages');
@@ -194,31 +202,32 @@ function validateStopTokenIds(v: unknown, nVocab: number | undefined): number[] 
   return v as number[];
 }
 
-/** Validates a parsed JSON body; throws ApiError (400, or 404 for an unknown model). */
-export function validateChatRequest(body: unknown, ctx: ValidationContext): ValidatedChatRequest {
-  if (!isObject(body)) throw badRequest(`Request body must be a JSON object, got ${describe(body)}`);
-
-  // model: absent -> the default served name (vLLM); unknown -> 404 (vLLM's NotFoundError).
+/** `model`: absent -> the default served name (vLLM); unknown -> 404 (vLLM's NotFoundError). */
+export function validateModelField(body: Json, ctx: ValidationContext): string {
   const modelRaw = body.model;
-  let model: string;
-  if (modelRaw === undefined || modelRaw === null || modelRaw === '') {
-    model = ctx.servedModelNames[0]!;
-  } else if (typeof modelRaw !== 'string') {
-    throw badRequest(`\`model\` must be a string, got ${describe(modelRaw)}`, 'model');
-  } else if (!ctx.servedModelNames.includes(modelRaw)) {
-    throw modelNotFound(modelRaw);
-  } else {
-    model = modelRaw;
-  }
+  if (modelRaw === undefined || modelRaw === null || modelRaw === '') return ctx.servedModelNames[0]!;
+  if (typeof modelRaw !== 'string') throw badRequest(`\`model\` must be a string, got ${describe(modelRaw)}`, 'model');
+  if (!ctx.servedModelNames.includes(modelRaw)) throw modelNotFound(modelRaw);
+  return modelRaw;
+}
+
+/**
+ * The fields chat and text completions share: model, the fields refused outright, n, token
+ * budget, sampling (vLLM's defaults), stop conditions, streaming, and the accepted no-ops
+ * (`user`, `skip_special_tokens`). logprobs are the caller's (their shape differs).
+ */
+export function validateGenerationFields(body: Json, ctx: ValidationContext): ValidatedGenerationFields {
+  const model = validateModelField(body, ctx);
 
   for (const u of UNSUPPORTED) {
     if (u.isSet(body[u.field])) throw badRequest(`${u.why} by this server`, u.field);
   }
 
-  const messages = validateMessages(body.messages);
-
-  const n = num(body, 'n', { integer: true, min: 1, rangeText: 'must be at least 1' });
-  if (n !== undefined && n > 1) throw badRequest('`n` > 1 is not yet supported', 'n');
+  const maxN = ctx.maxN;
+  const n = num(body, 'n', {
+    integer: true, min: 1, max: maxN,
+    rangeText: maxN !== undefined ? `must be in [1, ${maxN}] (at most --max-num-seqs choices per request)` : 'must be at least 1',
+  }) ?? 1;
 
   const maxCompletion = num(body, 'max_completion_tokens', { integer: true, min: 1, rangeText: 'must be at least 1' });
   const maxTokensLegacy = num(body, 'max_tokens', { integer: true, min: 1, rangeText: 'must be at least 1' });
@@ -242,16 +251,12 @@ export function validateChatRequest(body: unknown, ctx: ValidationContext): Vali
   const ignoreEos = bool(body, 'ignore_eos') ?? false;
   const stop = validateStop(body.stop);
   const stopTokenIds = validateStopTokenIds(body.stop_token_ids, ctx.nVocab);
-
-  const logprobs = bool(body, 'logprobs') ?? false;
-  const maxLogprobs = ctx.maxLogprobs ?? 20;
-  const topLogprobsRaw = num(body, 'top_logprobs', {
-    integer: true, min: 0, max: maxLogprobs, rangeText: `must be in [0, ${maxLogprobs}]`,
-  });
-  if (topLogprobsRaw !== undefined && !logprobs) {
-    throw badRequest('when using `top_logprobs`, `logprobs` must be set to true', 'top_logprobs');
+  // Accepted as vLLM does; special tokens never reach the output text here, so `false` changes nothing.
+  bool(body, 'skip_special_tokens');
+  const user = body.user;
+  if (user !== undefined && user !== null && typeof user !== 'string') {
+    throw badRequest(`\`user\` must be a string, got ${describe(user)}`, 'user');
   }
-  const topLogprobs = topLogprobsRaw ?? 0;
 
   const stream = bool(body, 'stream') ?? false;
   let includeUsage = false;
@@ -265,7 +270,6 @@ export function validateChatRequest(body: unknown, ctx: ValidationContext): Vali
     }
     includeUsage = iu === true;
   }
-  const addGenerationPrompt = bool(body, 'add_generation_prompt') ?? true;
 
   // vLLM: below _SAMPLING_EPS the request is greedy and the truncation samplers are off.
   if (temperature < SAMPLING_EPS) {
@@ -279,7 +283,6 @@ export function validateChatRequest(body: unknown, ctx: ValidationContext): Vali
 
   return {
     model,
-    messages,
     sampling: {
       temperature,
       topP,
@@ -294,11 +297,36 @@ export function validateChatRequest(body: unknown, ctx: ValidationContext): Vali
       ignoreEos,
       stop,
       stopTokenIds,
-      logprobs: logprobs ? topLogprobs : -1,
+      logprobs: -1,
     },
     maxTokens,
+    n,
     stream,
     includeUsage,
+  };
+}
+
+/** Validates a parsed chat-completions body; throws ApiError (400, or 404 for an unknown model). */
+export function validateChatRequest(body: unknown, ctx: ValidationContext): ValidatedChatRequest {
+  if (!isObject(body)) throw badRequest(`Request body must be a JSON object, got ${describe(body)}`);
+  const common = validateGenerationFields(body, ctx);
+  const messages = validateMessages(body.messages);
+
+  const logprobs = bool(body, 'logprobs') ?? false;
+  const maxLogprobs = ctx.maxLogprobs ?? 20;
+  const topLogprobsRaw = num(body, 'top_logprobs', {
+    integer: true, min: 0, max: maxLogprobs, rangeText: `must be in [0, ${maxLogprobs}]`,
+  });
+  if (topLogprobsRaw !== undefined && !logprobs) {
+    throw badRequest('when using `top_logprobs`, `logprobs` must be set to true', 'top_logprobs');
+  }
+  const topLogprobs = topLogprobsRaw ?? 0;
+  const addGenerationPrompt = bool(body, 'add_generation_prompt') ?? true;
+
+  return {
+    ...common,
+    sampling: { ...common.sampling, logprobs: logprobs ? topLogprobs : -1 },
+    messages,
     logprobs,
     topLogprobs,
     addGenerationPrompt,
@@ -309,12 +337,14 @@ export function validateChatRequest(body: unknown, ctx: ValidationContext): Vali
  * The completion budget once the prompt is measured: the requested max_tokens, or the rest of
  * the context when absent (vLLM). Throws vLLM's 400 when the prompt (plus max_tokens) does not fit.
  */
-export function resolveMaxTokens(requested: number | null, promptTokens: number, maxModelLen: number): number {
+export function resolveMaxTokens(
+  requested: number | null, promptTokens: number, maxModelLen: number, promptParam = 'messages',
+): number {
   if (promptTokens >= maxModelLen) {
     throw badRequest(
       `This model's maximum context length is ${maxModelLen} tokens. However, you requested ` +
       `${promptTokens} tokens in the messages, Please reduce the length of the messages.`,
-      'messages',
+      promptParam,
       'context_length_exceeded',
     );
   }
