@@ -206,7 +206,8 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
     const startedAt = performance.now();
     const logDone = (reason: string, usage: Usage | null): void => {
       if (!logRequests) return;
-      request.log.info({
+      // The request's info line comes from operations.ts; this adds the completion's details.
+      request.log.debug({
         id, finish: reason, n, promptTokens: usage?.prompt_tokens, completionTokens: usage?.completion_tokens,
         images: images.map((i) => `${i.width}x${i.height}`), ms: Math.round(performance.now() - startedAt),
       }, 'chat completion');

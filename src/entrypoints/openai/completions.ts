@@ -151,7 +151,8 @@ export function createCompletionsHandler(opts: CompletionsHandlerOptions) {
     const startedAt = performance.now();
     const logDone = (reason: string, usage: Usage): void => {
       if (!logRequests) return;
-      request.log.info({
+      // The request's info line comes from operations.ts; this adds the completion's details.
+      request.log.debug({
         id, finish: reason, prompts: gens.length, n, promptTokens: usage.prompt_tokens, completionTokens: usage.completion_tokens,
         ms: Math.round(performance.now() - startedAt),
       }, 'completion');

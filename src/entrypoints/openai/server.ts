@@ -10,6 +10,7 @@ import type { PrepareOptions } from '../../images/prepare.js';
 import { LLAMA_CPP_QWEN25VL_LIMITS } from '../../images/qwen-resize.js';
 import { installApiKeyAuth } from './auth.js';
 import { createChatCompletionHandler } from './chat.js';
+import { installOperations, requestId, type OperationsOptions } from './operations.js';
 import { ApiError, notFound, toApiError } from './errors.js';
 import type { ModelList } from './protocol.js';
 import { registerVllmRoutes } from './vllm-routes.js';
@@ -46,6 +47,8 @@ export interface ServerOptions {
   maxNumSeqs?: number;
   /** One log line per request (default true; --disable-log-requests turns it off). */
   logRequests?: boolean;
+  /** Back-pressure, timeouts, /metrics (operations.ts): --max-waiting-requests, --request-timeout ... */
+  operations?: OperationsOptions;
 }
 
 export const DEFAULT_BODY_LIMIT = 64 * 1024 * 1024;
@@ -56,9 +59,11 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
   const app = Fastify({
     logger: opts.logger ?? false,
     bodyLimit: opts.bodyLimit ?? DEFAULT_BODY_LIMIT,
-    // One log line per completion comes from the chat handler instead.
+    // One log line per request comes from operations.ts instead (with the generation's outcome).
     logController: new LogController({ disableRequestLogging: true }),
-    return503OnClosing: true,
+    // operations.ts answers requests during shutdown with OpenAI's error object instead.
+    return503OnClosing: false,
+    genReqId: requestId,
     forceCloseConnections: 'idle',
   });
   // Only JSON bodies: text/plain would otherwise reach validation as a string.
@@ -89,6 +94,16 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
 
   const created = Math.floor(Date.now() / 1000);
   const maxModelLen = Math.min(opts.maxModelLen ?? engine.info.nCtx, engine.info.nCtx);
+  // /metrics, admission (429/503), --request-timeout, one log line per request.
+  installOperations(app, {
+    maxNumSeqs: opts.maxNumSeqs,
+    logRequests: opts.logRequests,
+    ...opts.operations,
+    engine,
+    modelName: opts.servedModelNames[0]!,
+    maxModelLen,
+    isAccepting: () => accepting,
+  });
 
   const imageOptions = opts.imageOptions ?? { ...LLAMA_CPP_QWEN25VL_LIMITS };
   const imageSource = opts.imageSource ?? imageSourceOptionsFromEnv();
