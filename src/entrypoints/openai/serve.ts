@@ -1,11 +1,15 @@
 // `caprl serve`: the vllm serve replacement. Parses flags, opens the engine (model + mmproj),
 // starts the HTTP server, and shuts down on SIGINT/SIGTERM: the first signal stops accepting
-// and lets running requests finish, a second one cancels them.
+// and lets running requests finish for up to --shutdown-timeout seconds, a second one (or the
+// end of that time) cancels them; the process then exits 0.
 import { existsSync, readFileSync, statSync } from 'node:fs';
+import sharp from 'sharp';
 import { Engine } from '../../engine/engine.js';
 import type { EngineOptions } from '../../engine/native-types.js';
 import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
 import { buildServer } from './server.js';
+import { ADMISSION_FLAGS, admissionConfigFromArgs, type AdmissionConfig } from './admission.js';
+import { GracefulShutdown } from './shutdown.js';
 import { MODEL_SOURCE_FLAGS, resolveServeModel } from '../../hub/model-source.js';
 import { imageSourceOptionsFromEnv } from '../../images/image-source.js';
 import { VLLM_COMPAT_FLAGS, vllmCompatConfig, type VllmCompatConfig } from './vllm-flags.js';
@@ -42,6 +46,7 @@ export const SERVE_SPEC: CommandSpec = {
     { name: 'seed', type: 'int', dest: 'seed', help: 'server-wide seed: requests without `seed` draw reproducible seeds from it' },
     { name: 'uvicorn-log-level', type: 'string', dest: 'logLevel', choices: ['critical', 'error', 'warning', 'info', 'debug', 'trace'], help: `HTTP server log level (default: ${SERVE_DEFAULTS.logLevel})` },
     ...VLLM_COMPAT_FLAGS, // --api-key, --limit-mm-per-prompt, --tensor-parallel-size ... (vllm-flags.ts)
+    ...ADMISSION_FLAGS, // --max-waiting-requests, --request-timeout, --shutdown-timeout (admission.ts)
   ],
 };
 
@@ -62,6 +67,8 @@ export interface ServeConfig {
   logLevel: string;
   /** The vLLM flags' settings (api keys, image limits, notes for flags without effect). */
   vllm: VllmCompatConfig;
+  /** Back-pressure and lifetime: --max-waiting-requests, --request-timeout, --shutdown-timeout. */
+  admission: AdmissionConfig;
 }
 
 /**
@@ -140,6 +147,7 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
     seed: int(values, 'seed'),
     logLevel: FASTIFY_LEVELS[str(values, 'logLevel') ?? SERVE_DEFAULTS.logLevel] ?? 'info',
     vllm: vllmCompatConfig(values, env),
+    admission: admissionConfigFromArgs(values),
   };
 }
 
@@ -190,7 +198,10 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     maxLogprobs: cfg.vllm.maxLogprobs,
     maxNumSeqs: cfg.maxNumSeqs,
     logRequests: cfg.vllm.logRequests,
+    operations: { maxWaitingRequests: cfg.admission.maxWaitingRequests, requestTimeoutMs: cfg.admission.requestTimeoutMs },
   });
+  // Every request's image is new: libvips' operation cache (50 MB by default) would only hold memory.
+  sharp.cache(false);
   // One line per vLLM flag accepted without (full) effect.
   for (const note of cfg.vllm.notes) app.log.warn(note);
   if (cfg.vllm.apiKeys.length > 0) app.log.info(`API key required on /v1/* (${cfg.vllm.apiKeys.length} key${cfg.vllm.apiKeys.length > 1 ? 's' : ''})`);
@@ -218,24 +229,23 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   );
 
   return new Promise<number>((resolve) => {
+    const shutdown = new GracefulShutdown(app, engine, { graceMs: cfg.admission.shutdownTimeoutMs, log: app.log });
     let stopping = false;
     const onSignal = (signal: NodeJS.Signals): void => {
       if (stopping) {
         app.log.warn(`${signal} again: cancelling running requests`);
-        void engine.close();
+        shutdown.now();
         return;
       }
       stopping = true;
-      app.log.info(`${signal}: shutting down (finishing running requests; send it again to cancel them)`);
+      app.log.info(
+        `${signal}: shutting down (running requests may finish within ${cfg.admission.shutdownTimeoutMs / 1000} s; ` +
+        'send it again to cancel them now)',
+      );
       void (async () => {
-        let code = 0;
-        try {
-          await app.close();
-        } catch (err) {
-          app.log.error({ err }, 'error while closing the HTTP server');
-          code = 1;
-        }
-        await engine.close();
+        const { closeFailed } = await shutdown.run();
+        if (closeFailed) app.log.error('error while closing the HTTP server');
+        const code = closeFailed ? 1 : 0;
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
         app.log.info('shut down');
