@@ -1,0 +1,183 @@
+// /metrics: vLLM's metric names, types, labels and buckets, and values equal to what the clients
+// saw; one Registry per app (two servers in one process keep their own counts).
+import t from 'tap';
+import OpenAI from 'openai';
+import {
+  build125Buckets, REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS,
+} from '../src/metrics/metrics.js';
+import { parseProm, scrape } from './helpers/prom.js';
+import { pngDataUri, startTestServer, waitFor } from './helpers/server.js';
+
+const L = { model_name: 'caprl', engine: '0' };
+
+t.test('build125Buckets is vLLM build_1_2_5_buckets', async (t) => {
+  t.same(build125Buckets(100), [1, 2, 5, 10, 20, 50, 100]);
+  t.same(build125Buckets(1024), [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]);
+  t.same(build125Buckets(1), [1]);
+});
+
+t.test('parseProm reads labels with escapes', async (t) => {
+  const s = parseProm('# TYPE a counter\na{x="q\\"z",y="2"} 3\nb 4.5\n');
+  t.equal(s.value('a', { y: '2' }), 3);
+  t.equal(s.value('b'), 4.5);
+  t.equal(s.types.get('a'), 'counter');
+});
+
+t.test('metrics on the tiny model', async (t) => {
+  const s = await startTestServer({ engine: { maxModelLen: 1024 } });
+  t.teardown(() => s.close());
+  const other = await startTestServer({ engine: { maxModelLen: 512 }, server: { servedModelNames: ['other'] } });
+  t.teardown(() => other.close());
+  // Warm up the engine (the first decode is slow) before anything is timed.
+  await s.client.chat.completions.create({ model: 'caprl', messages: [{ role: 'user', content: 'warm up' }], max_tokens: 2 });
+  const base = await scrape(s.url);
+
+  t.test('names, types, labels and vLLM bucket boundaries', async (t) => {
+    const m = await scrape(s.url);
+    const expected: [string, string][] = [
+      ['vllm:num_requests_running', 'gauge'],
+      ['vllm:num_requests_waiting', 'gauge'],
+      ['vllm:kv_cache_usage_perc', 'gauge'],
+      ['vllm:gpu_cache_usage_perc', 'gauge'],
+      ['vllm:prompt_tokens_total', 'counter'],
+      ['vllm:generation_tokens_total', 'counter'],
+      ['vllm:num_preemptions_total', 'counter'],
+      ['vllm:request_success_total', 'counter'],
+      ['vllm:time_to_first_token_seconds', 'histogram'],
+      ['vllm:inter_token_latency_seconds', 'histogram'],
+      ['vllm:time_per_output_token_seconds', 'histogram'],
+      ['vllm:request_time_per_output_token_seconds', 'histogram'],
+      ['vllm:e2e_request_latency_seconds', 'histogram'],
+      ['vllm:request_decode_time_seconds', 'histogram'],
+      ['vllm:request_prompt_tokens', 'histogram'],
+      ['vllm:request_generation_tokens', 'histogram'],
+      ['vllm:request_params_max_tokens', 'histogram'],
+      ['vllm:request_params_n', 'histogram'],
+      ['caprl:images_received_total', 'counter'],
+      ['caprl:request_preprocessing_seconds', 'histogram'],
+      ['caprl:engine_steps_total', 'counter'],
+      ['caprl:engine_step_sequences_total', 'counter'],
+      ['caprl:requests_rejected_total', 'counter'],
+      ['caprl:request_timeouts_total', 'counter'],
+      ['http_requests_total', 'counter'],
+    ];
+    for (const [name, type] of expected) t.equal(m.types.get(name), type, `${name} is a ${type}`);
+    for (const name of ['vllm:num_requests_running', 'vllm:prompt_tokens_total', 'vllm:e2e_request_latency_seconds_count']) {
+      t.ok(m.samples.some((x) => x.name === name && x.labels.model_name === 'caprl' && x.labels.engine === '0'), `${name}{model_name="caprl",engine="0"}`);
+    }
+    for (const reason of ['stop', 'length', 'abort']) {
+      t.ok(m.samples.some((x) => x.name === 'vllm:request_success_total' && x.labels.finished_reason === reason), `finished_reason="${reason}" present from the start`);
+    }
+    t.same(m.buckets('vllm:time_to_first_token_seconds'), TTFT_BUCKETS);
+    t.same(m.buckets('vllm:inter_token_latency_seconds'), TPOT_BUCKETS);
+    t.same(m.buckets('vllm:time_per_output_token_seconds'), TPOT_BUCKETS);
+    t.same(m.buckets('vllm:e2e_request_latency_seconds'), REQUEST_LATENCY_BUCKETS);
+    t.same(m.buckets('vllm:request_prompt_tokens'), build125Buckets(1024), 'token buckets up to max_model_len');
+    t.same(TTFT_BUCKETS.length, 22);
+    t.same(TPOT_BUCKETS.length, 19);
+    t.same(REQUEST_LATENCY_BUCKETS.length, 21);
+    // Node process metrics.
+    for (const name of ['process_resident_memory_bytes', 'nodejs_heap_size_used_bytes', 'nodejs_eventloop_lag_seconds']) t.ok(m.has(name), name);
+    t.equal(m.value('caprl:kv_cache_total_tokens', L), 4096);
+    t.equal(m.value('vllm:num_preemptions_total', L), 0);
+    t.notOk(m.has('vllm:request_queue_time_seconds_count'), 'queue time is not exported until the engine reports it');
+  });
+
+  t.test('counts equal what the clients saw', async (t) => {
+    const image = await pngDataUri(112, 112);
+    const N = 4;
+    const MAX = 6;
+    const results: OpenAI.ChatCompletion[] = [];
+    for (let i = 0; i < N; i++) {
+      const content: OpenAI.ChatCompletionContentPart[] = i % 2 === 0
+        ? [{ type: 'image_url', image_url: { url: image } }, { type: 'text', text: `Caption ${i}` }]
+        : [{ type: 'text', text: `Say something ${i}` }];
+      results.push(await s.client.chat.completions.create({
+        model: 'caprl', messages: [{ role: 'user', content }], max_tokens: MAX, temperature: 0, ignore_eos: true,
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming));
+    }
+    // One streamed.
+    const stream = await s.client.chat.completions.create({
+      model: 'caprl', messages: [{ role: 'user', content: 'streamed' }], max_tokens: MAX, temperature: 0, ignore_eos: true,
+      stream: true, stream_options: { include_usage: true },
+    } as OpenAI.ChatCompletionCreateParamsStreaming);
+    let streamUsage: OpenAI.CompletionUsage | undefined;
+    for await (const ch of stream) if (ch.usage) streamUsage = ch.usage;
+    const usages = [...results.map((r) => r.usage!), streamUsage!];
+    const prompt = usages.reduce((a, u) => a + u.prompt_tokens, 0);
+    const completion = usages.reduce((a, u) => a + u.completion_tokens, 0);
+    t.equal(completion, (N + 1) * MAX);
+    // A bad request: counted by HTTP status only.
+    await fetch(`${s.baseURL}/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"messages": 5}' });
+
+    const m = await scrape(s.url);
+    const d = (name: string, labels: Record<string, string> = L) => m.value(name, labels) - base.value(name, labels);
+    t.equal(d('vllm:request_success_total', { ...L, finished_reason: 'length' }), N + 1);
+    t.equal(d('vllm:request_success_total', { ...L, finished_reason: 'abort' }), 0);
+    t.equal(d('vllm:prompt_tokens_total'), prompt, 'prompt tokens = sum of usage.prompt_tokens');
+    t.equal(d('vllm:generation_tokens_total'), completion, 'generation tokens = sum of usage.completion_tokens');
+    t.equal(d('vllm:request_prompt_tokens_sum'), prompt);
+    t.equal(d('vllm:request_generation_tokens_sum'), completion);
+    t.equal(d('vllm:request_prompt_tokens_count'), N + 1);
+    t.equal(d('vllm:e2e_request_latency_seconds_count'), N + 1);
+    t.equal(d('vllm:time_to_first_token_seconds_count'), N + 1);
+    t.equal(d('vllm:inter_token_latency_seconds_count'), completion - (N + 1), 'one inter-token gap per token after the first');
+    t.equal(d('vllm:time_per_output_token_seconds_count'), completion - (N + 1));
+    t.equal(d('vllm:request_params_max_tokens_sum'), (N + 1) * MAX);
+    t.equal(d('vllm:request_params_n_count'), N + 1);
+    t.equal(d('caprl:images_received_total'), N / 2);
+    t.equal(d('caprl:request_preprocessing_seconds_count'), N + 1);
+    t.ok(d('caprl:engine_steps_total') >= MAX, 'engine steps advanced');
+    t.ok(d('caprl:engine_step_sequences_total') >= completion - (N + 1), 'decoded sequences advanced');
+    const ttft = d('vllm:time_to_first_token_seconds_sum');
+    const e2e = d('vllm:e2e_request_latency_seconds_sum');
+    t.ok(ttft > 0 && ttft < e2e, `0 < TTFT sum (${ttft}) < e2e sum (${e2e})`);
+    t.ok(d('vllm:request_decode_time_seconds_sum') < e2e);
+    const http = (status: string) => m.value('http_requests_total', { handler: '/v1/chat/completions', status }) -
+      base.value('http_requests_total', { handler: '/v1/chat/completions', status });
+    t.equal(http('2xx'), N + 1);
+    t.equal(http('4xx'), 1);
+    t.equal(m.value('vllm:num_requests_running', L), 0);
+    t.equal(m.value('vllm:kv_cache_usage_perc', L), 0);
+
+    // The other server's registry saw none of it.
+    const o = await scrape(other.url);
+    t.equal(o.value('vllm:request_success_total', { model_name: 'other' }), 0);
+    t.equal(o.value('vllm:request_success_total', { model_name: 'caprl' }), 0, 'no caprl series in the other registry');
+    t.equal(o.value('vllm:prompt_tokens_total'), 0);
+  });
+
+  t.test('running requests, KV cache usage and aborts while a request runs', async (t) => {
+    const before = await scrape(s.url);
+    const ac = new AbortController();
+    const res = await fetch(`${s.baseURL}/chat/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, signal: ac.signal,
+      body: JSON.stringify({ model: 'caprl', messages: [{ role: 'user', content: 'Go on.' }], max_tokens: 900, ignore_eos: true, stream: true }),
+    });
+    const reader = res.body!.getReader();
+    await reader.read(); // the role chunk, sent before the engine starts
+    await reader.read(); // generated text: the engine runs it
+    const m = await scrape(s.url);
+    t.equal(m.value('vllm:num_requests_running', L), 1);
+    t.ok(m.value('vllm:kv_cache_usage_perc', L) > 0, 'KV cells in use');
+    t.ok(m.value('caprl:kv_cache_used_tokens', L) > 0);
+    ac.abort();
+    t.ok(await waitFor(() => s.engine.liveCount === 0, 5000));
+    // The observer records the abort as the handler reads it: poll the scrape.
+    let after = await scrape(s.url);
+    for (let i = 0; i < 50 && after.value('vllm:request_success_total', { ...L, finished_reason: 'abort' }) === before.value('vllm:request_success_total', { ...L, finished_reason: 'abort' }); i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      after = await scrape(s.url);
+    }
+    t.equal(after.value('vllm:request_success_total', { ...L, finished_reason: 'abort' }) -
+      before.value('vllm:request_success_total', { ...L, finished_reason: 'abort' }), 1, 'the disconnect counts as finished_reason="abort"');
+    t.equal(after.value('vllm:num_requests_running', L), 0);
+    t.equal(after.value('vllm:kv_cache_usage_perc', L), 0, 'KV cells freed');
+  });
+
+  t.test('/metrics is open text/plain in the exposition format', async (t) => {
+    const res = await fetch(`${s.url}/metrics`);
+    t.equal(res.status, 200);
+    t.match(res.headers.get('content-type'), /^text\/plain; version=0\.0\.4/);
+  });
+});
