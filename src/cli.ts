@@ -7,6 +7,9 @@ commands:
   serve            serve a model through the OpenAI-compatible API
                    (caprl serve internlm/CapRL-3B, a downloaded folder, or MODEL.gguf --mmproj MMPROJ.gguf)
   generate-model   write a random-weight GGUF model for tests and benchmarks
+  caption          caption a folder, glob or JSONL list of images into a JSONL (resumable, shardable)
+  run-batch        run a file of OpenAI batch requests (vLLM's run-batch format) in this process
+  eval             Prism evaluation of a captioner (captions, then an answerer LLM's multiple-choice accuracy)
 
 Run \`caprl <command> --help\` for a command's options.
 `;
@@ -47,6 +50,21 @@ export async function main(argv: string[]): Promise<void> {
       case 'generate-model':
         process.exitCode = await runGenerateModelCommand(rest);
         return;
+      case 'caption': {
+        const { runCaptionCommand } = await import('./workflows/caption-cli.js');
+        process.exitCode = await runCaptionCommand(rest);
+        return;
+      }
+      case 'run-batch': {
+        const { runRunBatchCommand } = await import('./workflows/run-batch.js');
+        process.exitCode = await runRunBatchCommand(rest);
+        return;
+      }
+      case 'eval': {
+        const { runEvalCommand } = await import('./workflows/prism-eval.js');
+        process.exitCode = await runEvalCommand(rest);
+        return;
+      }
       case undefined:
       case '-h':
       case '--help':
@@ -58,7 +76,8 @@ export async function main(argv: string[]): Promise<void> {
         throw new CliUsageError(`unknown command "${command}"`);
     }
   } catch (err) {
-    const prefix = command === 'serve' || command === 'generate-model' ? `caprl ${command}` : 'caprl';
+    const named = ['serve', 'generate-model', 'caption', 'run-batch', 'eval'].includes(command ?? '');
+    const prefix = named ? `caprl ${command}` : 'caprl';
     if (err instanceof CliFatalError) {
       process.stderr.write(`${prefix}: error: ${err.message}\n`);
       process.exitCode = 1;
@@ -66,7 +85,7 @@ export async function main(argv: string[]): Promise<void> {
     }
     if (err instanceof CliUsageError) {
       process.stderr.write(`${prefix}: error: ${err.message}\n`);
-      process.stderr.write(command === 'serve' ? 'Run `caprl serve --help` for the options.\n' : USAGE);
+      process.stderr.write(named && command !== 'generate-model' ? `Run \`caprl ${command} --help\` for the options.\n` : USAGE);
       process.exitCode = 2;
       return;
     }

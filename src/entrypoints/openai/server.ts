@@ -14,6 +14,7 @@ import { installOperations, requestId, type OperationsOptions } from './operatio
 import { ApiError, notFound, toApiError } from './errors.js';
 import type { ModelList } from './protocol.js';
 import { registerVllmRoutes } from './vllm-routes.js';
+import { registerWorkflowRoutes, type UploadLimits } from '../../workflows/routes.js';
 
 export interface ServerOptions {
   engine: Engine;
@@ -49,6 +50,8 @@ export interface ServerOptions {
   logRequests?: boolean;
   /** Back-pressure, timeouts, /metrics (operations.ts): --max-waiting-requests, --request-timeout ... */
   operations?: OperationsOptions;
+  /** POST /v1/captions upload limits (src/workflows/routes.ts). */
+  uploadLimits?: UploadLimits;
 }
 
 export const DEFAULT_BODY_LIMIT = 64 * 1024 * 1024;
@@ -133,6 +136,18 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
     seed: opts.seed,
     logRequests: opts.logRequests,
     isAccepting: () => accepting,
+  });
+  // CapRL workflows: POST /v1/captions (uploads), /v1/rewards/caprl and /get_reward (QA reward).
+  registerWorkflowRoutes(app, {
+    engine,
+    servedModelNames: opts.servedModelNames,
+    maxModelLen,
+    imageOptions,
+    imageSource,
+    maxNumSeqs: opts.maxNumSeqs,
+    seed: opts.seed,
+    isAccepting: () => accepting,
+    uploadLimits: opts.uploadLimits,
   });
 
   app.get('/v1/models', async (): Promise<ModelList> => ({
