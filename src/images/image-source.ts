@@ -23,6 +23,11 @@ export interface ImageSourceOptions {
   maxBytes?: number;
   /** Redirects followed per fetch; 0 refuses any. */
   maxRedirects?: number;
+  /**
+   * The fetch used for each hop (always called with redirect: 'manual'); default the global
+   * fetch. A guard that vets addresses (SSRF) plugs in here.
+   */
+  fetch?: (url: string, init: { redirect: 'manual'; signal: AbortSignal; headers: Record<string, string> }) => Promise<Response>;
 }
 
 export const DEFAULT_FETCH_TIMEOUT_MS = 5_000;
@@ -34,7 +39,7 @@ export const DEFAULT_MAX_REDIRECTS = 10;
  * VLLM_IMAGE_FETCH_TIMEOUT (seconds, default 5), VLLM_MEDIA_URL_ALLOW_REDIRECTS (default 1);
  * CAPRL_IMAGE_FETCH_MAX_BYTES for the size cap (default 32 MiB).
  */
-export function imageSourceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): Required<Omit<ImageSourceOptions, 'allowedLocalMediaPath'>> {
+export function imageSourceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): Required<Omit<ImageSourceOptions, 'allowedLocalMediaPath' | 'fetch'>> {
   const num = (v: string | undefined, def: number): number => {
     const n = v === undefined || v.trim() === '' ? NaN : Number(v);
     return Number.isFinite(n) && n >= 0 ? n : def;
@@ -99,11 +104,12 @@ async function fetchHttp(url: string, opts: ImageSourceOptions, signal?: AbortSi
   const maxRedirects = opts.maxRedirects ?? DEFAULT_MAX_REDIRECTS;
   const timeout = AbortSignal.timeout(timeoutMs);
   const combined = signal ? AbortSignal.any([signal, timeout]) : timeout;
+  const doFetch = opts.fetch ?? fetch;
   const original = url;
   let current = url;
   try {
     for (let redirects = 0; ; redirects++) {
-      const res = await fetch(current, {
+      const res = await doFetch(current, {
         redirect: 'manual',
         signal: combined,
         headers: { accept: 'image/*,*/*;q=0.8', 'user-agent': 'caprl-serve' },
