@@ -198,7 +198,11 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     maxLogprobs: cfg.vllm.maxLogprobs,
     maxNumSeqs: cfg.maxNumSeqs,
     logRequests: cfg.vllm.logRequests,
-    operations: { maxWaitingRequests: cfg.admission.maxWaitingRequests, requestTimeoutMs: cfg.admission.requestTimeoutMs },
+    operations: {
+      maxWaitingRequests: cfg.admission.maxWaitingRequests,
+      requestTimeoutMs: cfg.admission.requestTimeoutMs,
+      logRequests: cfg.vllm.logRequests, // --disable-log-requests silences the per-request line
+    },
   });
   // Every request's image is new: libvips' operation cache (50 MB by default) would only hold memory.
   sharp.cache(false);
