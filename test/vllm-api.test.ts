@@ -251,6 +251,8 @@ t.test('vllm serve parity on the tiny model', async (t) => {
     const c = await chat(s, { model: 'caprl', messages, max_tokens: 1 });
     const mt = await (await post(`${s.url}/tokenize`, { messages })).json() as { count: number; tokens: number[] };
     t.equal(mt.count, c.usage!.prompt_tokens, 'count = chat prompt_tokens, image tokens included');
+    const viaUrl = await (await post(`${s.url}/tokenize`, { messages: [messages[0], ...imageMessage(`${srv.url}/img.png`)] })).json() as { count: number };
+    t.equal(viaUrl.count, mt.count, 'the same image by URL');
     const back = await (await post(`${s.url}/detokenize`, { tokens: mt.tokens })).json() as { prompt: string };
     t.match(back.prompt, /^<\|im_start\|>system\nYou are a helpful assistant\.<\|im_end\|>\n<\|im_start\|>user\n<\|vision_start\|>(<\|image_pad\|>){64}<\|vision_end\|>Describe the image\.<\|im_end\|>\n<\|im_start\|>assistant\n$/,
       'special tokens written out, as HF decode');

@@ -87,7 +87,7 @@ export function validateTokenIds(v: unknown, param: string, nVocab: number): num
 
 export function createTokenizeHandler(opts: TokenizeHandlerOptions) {
   const { engine, tokenText } = opts;
-  return async function tokenize(request: FastifyRequest, _reply: FastifyReply): Promise<TokenizeResponse> {
+  return async function tokenize(request: FastifyRequest, reply: FastifyReply): Promise<TokenizeResponse> {
     const body = request.body;
     if (!isObject(body)) throw badRequest(`Request body must be a JSON object, got ${describe(body)}`);
     validateModelField(body, { servedModelNames: opts.servedModelNames });
@@ -104,8 +104,11 @@ export function createTokenizeHandler(opts: TokenizeHandlerOptions) {
       if (refs.length > 0 && !engine.info.hasVision) {
         throw badRequest('image input is not supported: the server was started without a vision projector (--mmproj)', refs[0]!.param);
       }
+      // The client left (response closed before it was written): stop fetching its images.
       const ac = new AbortController();
-      request.raw.once('close', () => ac.abort());
+      reply.raw.once('close', () => {
+        if (!reply.raw.writableEnded) ac.abort();
+      });
       const images = await prepareImages(
         refs,
         { imageOptions: opts.imageOptions ?? {}, imageSource: opts.imageSource ?? {}, limit: opts.limitImagesPerPrompt },
