@@ -49,6 +49,9 @@ export class GracefulShutdown {
   private async shutdown(): Promise<ShutdownResult> {
     const { app, engine, opts } = this;
     let closeFailed = false;
+    // app.close() closes the connections idle at that moment; a keep-alive connection whose
+    // response ends later would hold it open until its keep-alive timeout: close those as they go idle.
+    const reaper = setInterval(() => app.server.closeIdleConnections(), 100);
     const closed = app.close().then(
       () => true,
       () => {
@@ -85,6 +88,7 @@ export class GracefulShutdown {
       if (!drained) app.server.closeAllConnections();
       await closed;
     }
+    clearInterval(reaper);
     return { cancelled, closeFailed };
   }
 }
