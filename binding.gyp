@@ -9,7 +9,8 @@
         "native/addon.cpp",
         "native/engine.cpp",
         "native/sampler.cpp",
-        "native/text-stream.cpp"
+        "native/text-stream.cpp",
+        "native/vision-worker.cpp"
       ],
       "include_dirs": [
         "<!@(node -p \"require('node-addon-api').include\")",

@@ -80,6 +80,13 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
             llama_model_free(model_);
             throw std::runtime_error("failed to load mmproj " + opts_.mmproj);
         }
+        vision_ = std::make_unique<VisionWorker>(mtmd_, llama_model_n_embd_inp(model_), [this] {
+            {
+                std::lock_guard<std::mutex> lk(mu_);
+                vision_ready_ = true;
+            }
+            cv_.notify_one();
+        });
     }
 
     templates_ = common_chat_templates_init(model_, opts_.chat_template);
@@ -143,6 +150,7 @@ void Engine::stop() {
     }
     cv_.notify_one();
     if (thread_.joinable()) thread_.join();
+    vision_.reset();
 }
 
 EngineStats Engine::stats() const {
@@ -205,16 +213,19 @@ void Engine::end_unadmitted(const Request & req, const std::string & reason, int
 }
 
 void Engine::loop() {
+    bool idle = true;
     for (;;) {
         {
             std::unique_lock<std::mutex> lk(mu_);
             if (stopping_) break;
-            if (running_.empty() && waiting_.empty()) {
-                cv_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty(); });
+            if (idle) {
+                // Nothing to decode: sleep until a request, a cancel or an encoded image arrives.
+                cv_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty() || vision_ready_; });
+                vision_ready_ = false;
                 if (stopping_) break;
             }
         }
-        step();
+        idle = !step();
     }
     // Shutting down: everything live ends as aborted.
     take_inbox();
@@ -273,7 +284,7 @@ bool Engine::prepare_prompt(Sequence & seq, std::string & error) {
             bitmaps.emplace_back(img.width, img.height, img.rgb.data());
             ptrs.push_back(bitmaps.back().ptr.get());
         }
-        seq.chunks.reset(mtmd_input_chunks_init());
+        seq.chunks = SharedChunks(mtmd_input_chunks_init(), mtmd_input_chunks_free);
         mtmd_input_text text{req.prompt.c_str(), req.prompt.size(), true, true};
         const int32_t rc = mtmd_tokenize(mtmd_, seq.chunks.get(), &text, ptrs.data(), ptrs.size());
         if (rc == 1) {
@@ -359,27 +370,37 @@ void Engine::admit() {
         seq.text = std::make_unique<TextStream>(seq.req.sampling.stop);
         seq.pending.id = seq.req.id;
         prompt_tokens_total_ += seq.prompt_cells;
+        // Encode every image now, off this thread; decoding goes on meanwhile.
+        for (auto & part : seq.parts) {
+            if (!part.media) continue;
+            part.vision_key = next_vision_key_++;
+            vision_->submit(part.vision_key, seq.chunks, part.media);
+        }
         running_.push_back(std::move(seq));
     }
 }
 
-void Engine::prefill_image(Sequence & seq) {
-    const mtmd_input_chunk * chunk = seq.parts[seq.part].media;
-    if (mtmd_encode_chunk(mtmd_, chunk) != 0) {
+bool Engine::prefill_image(Sequence & seq) {
+    PromptPart & part = seq.parts[seq.part];
+    std::vector<float> embd;
+    bool ok = false;
+    if (!vision_->take(part.vision_key, embd, ok)) return false;
+    part.vision_key = 0;
+    if (!ok) {
         finish(seq, "error", "the vision encoder failed on this image");
-        return;
+        return true;
     }
-    float * embd = mtmd_get_output_embd(mtmd_);
     llama_pos new_n_past = seq.n_past;
-    if (mtmd_helper_decode_image_chunk(mtmd_, ctx_, chunk, embd, seq.n_past, seq.seq_id, (int32_t) opts_.n_batch,
+    if (mtmd_helper_decode_image_chunk(mtmd_, ctx_, part.media, embd.data(), seq.n_past, seq.seq_id, (int32_t) opts_.n_batch,
                                        &new_n_past, nullptr, nullptr) != 0) {
         finish(seq, "error", "decoding the image embeddings failed");
-        return;
+        return true;
     }
     seq.n_past = new_n_past;
-    seq.n_cells += seq.parts[seq.part].n_cells();
+    seq.n_cells += part.n_cells();
     seq.part++;
     seq.part_off = 0;
+    return true;
 }
 
 bool Engine::step() {
@@ -393,10 +414,11 @@ bool Engine::step() {
         return false;
     }
 
-    // Images first: at most one per step so running sequences keep decoding between encodes.
+    // Encoded images first: at most one per step, so a step's cost stays bounded.
+    bool progress = !out_.empty();
     for (auto & seq : running_) {
-        if (!seq.finished && seq.prefilling() && seq.parts[seq.part].media) {
-            prefill_image(seq);
+        if (!seq.finished && seq.prefilling() && seq.parts[seq.part].media && prefill_image(seq)) {
+            progress = true;
             break;
         }
     }
@@ -441,6 +463,7 @@ bool Engine::step() {
     }
 
     if (batch_.n_tokens > 0) {
+        progress = true;
         const int32_t rc = llama_decode(ctx_, batch_);
         if (rc != 0) {
             const std::string why = rc == 1 ? "the KV cache has no room for this batch" : "llama_decode failed (" + std::to_string(rc) + ")";
@@ -466,7 +489,7 @@ bool Engine::step() {
     }
     release_finished();
     emit(std::move(out_));
-    return true;
+    return progress;
 }
 
 void Engine::sample_outputs() {
@@ -579,6 +602,9 @@ void Engine::release_finished() {
             continue;
         }
         if (it->pending.finish) out_.push_back(std::move(it->pending));
+        for (const auto & part : it->parts) {
+            if (part.vision_key) vision_->drop(part.vision_key);
+        }
         // Free the sequence's KV cells at once.
         llama_memory_seq_rm(llama_get_memory(ctx_), it->seq_id, -1, -1);
         free_seq_ids_.push_back(it->seq_id);

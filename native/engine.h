@@ -8,6 +8,7 @@
 #include "mtmd.h"
 #include "sequence.h"
 #include "types.h"
+#include "vision-worker.h"
 
 #include <atomic>
 #include <condition_variable>
@@ -58,11 +59,11 @@ class Engine {
 
   private:
     void loop();
-    bool step();  // one scheduler step; false when there was nothing to do
+    bool step();  // one scheduler step; false when it made no progress (nothing to do, or only waiting on images)
     void take_inbox();
     void admit();
     bool prepare_prompt(Sequence & seq, std::string & error);
-    void prefill_image(Sequence & seq);
+    bool prefill_image(Sequence & seq);  // decodes an encoded image into the KV cache; false if not encoded yet
     void sample_outputs();
     void sample_one(Sequence & seq, int32_t row);
     Sequence fork_choice(const Sequence & parent, int32_t index, llama_seq_id seq_id);
@@ -80,6 +81,8 @@ class Engine {
     llama_context * ctx_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
     mtmd_context * mtmd_ = nullptr;
+    std::unique_ptr<VisionWorker> vision_;
+    uint64_t next_vision_key_ = 1;
     common_chat_templates_ptr templates_;
     std::vector<llama_token> eog_;
     llama_batch batch_{};
@@ -91,6 +94,7 @@ class Engine {
     std::deque<Request> inbox_;
     std::vector<int64_t> cancels_;
     bool stopping_ = false;
+    bool vision_ready_ = false;  // an image finished encoding since the engine thread last waited
     std::thread thread_;
 
     // Engine thread only.

@@ -6,6 +6,7 @@
 #include "sampler.h"
 #include "text-stream.h"
 #include "types.h"
+#include "vision-worker.h"
 
 #include <chrono>
 #include <memory>
@@ -17,6 +18,7 @@ namespace caprl {
 struct PromptPart {
     std::vector<llama_token> tokens;
     const mtmd_input_chunk * media = nullptr;
+    uint64_t vision_key = 0;  // the VisionWorker job encoding `media`, 0 = none pending
     int32_t n_cells() const;
 };
 
@@ -26,7 +28,7 @@ struct Sequence {
     llama_seq_id seq_id = -1;
     std::vector<llama_seq_id> choice_seq_ids;  // slots held for choices 1..n-1 until the prefill ends
 
-    mtmd::input_chunks_ptr chunks;  // keeps media chunks alive
+    SharedChunks chunks;  // keeps media chunks alive (shared with the vision worker)
     std::vector<PromptPart> parts;
     size_t part = 0;      // next part to prefill
     size_t part_off = 0;  // tokens of parts[part] already in the batch

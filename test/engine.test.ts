@@ -180,6 +180,34 @@ t.test('engine on the tiny model', async (t) => {
     t.equal(engine.stats().kvUsedCells, 0);
   });
 
+  t.test('running sequences keep decoding while an image is encoded', async (t) => {
+    const text = engine.generate({ prompt: prompts[6], images: [], sampling: greedy({ maxTokens: 1500 }) });
+    let textTokens = 0;
+    const textDone = (async () => { for await (const ev of text) textTokens += ev.tokens.length; })();
+    while (textTokens === 0) await new Promise((r) => setTimeout(r, 5));
+    // 840x840 is 900 image tokens: long enough to encode that a blocked decode loop would show.
+    const W = 840, H = 840;
+    const rgb = Buffer.alloc(W * H * 3);
+    for (let i = 0; i < rgb.length; i++) rgb[i] = (i * 7919) & 255;
+    const before = textTokens;
+    let during = -1;
+    const img = engine.generate({
+      prompt: `<|im_start|>user\n${engine.info.mediaMarker}Please describe this image in detail<|im_end|>\n<|im_start|>assistant\n`,
+      images: [{ width: W, height: H, rgb }],
+      sampling: greedy({ maxTokens: 4 }),
+    });
+    let finish: EngineEvent['finish'];
+    for await (const ev of img) {
+      if (during < 0 && ev.tokens.length > 0) during = textTokens - before;
+      if (ev.finish) finish = ev.finish;
+    }
+    text.cancel();
+    await textDone;
+    t.equal(finish?.reason, 'length');
+    t.ok(finish!.promptTokens > 900, `image prompt has ${finish!.promptTokens} tokens`);
+    t.ok(during >= 20, `${during} tokens of the other request were decoded before the image request's first token`);
+  });
+
   t.test('a prompt longer than the context is an error, not a crash', async (t) => {
     const r = await collect(engine, 'word '.repeat(5000), greedy());
     t.equal(r.finish.reason, 'error');
