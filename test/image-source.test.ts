@@ -23,7 +23,8 @@ t.test('data: URIs, Qwen-style "data:image;base64," included', async (t) => {
 t.test('http: fetched with redirects, size and time limits', async (t) => {
   const srv = await startImageServer(png);
   t.teardown(() => srv.close());
-  const o: ImageSourceOptions = { fetchTimeoutMs: 1000, maxBytes: 256 * 1024, maxRedirects: 3 };
+  // The image server is on loopback: allowed explicitly (url-guard.ts refuses it by default).
+  const o: ImageSourceOptions = { fetchTimeoutMs: 1000, maxBytes: 256 * 1024, maxRedirects: 3, allowPrivateImageUrls: true };
   t.ok((await loadImageBytes(`${srv.url}/img.png`, o)).equals(png), 'plain');
   t.ok((await loadImageBytes(`${srv.url}/img-chunked.png?x=1`, o)).equals(png), 'chunked, query string');
   t.ok((await loadImageBytes(`${srv.url}/redirect/3`, o)).equals(png), '3 redirects, relative Location');
@@ -54,7 +55,7 @@ t.test('http: fetched with redirects, size and time limits', async (t) => {
 t.test('error messages leave query strings out', async (t) => {
   const srv = await startImageServer(png);
   t.teardown(() => srv.close());
-  const err = await loadImageBytes(`${srv.url}/missing?token=s3cret`, { fetchTimeoutMs: 1000 }).catch((e: Error) => e);
+  const err = await loadImageBytes(`${srv.url}/missing?token=s3cret`, { fetchTimeoutMs: 1000, allowPrivateImageUrls: true }).catch((e: Error) => e);
   t.match((err as Error).message, /\/missing/);
   t.notMatch((err as Error).message, /s3cret/);
 });

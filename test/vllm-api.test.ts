@@ -45,7 +45,8 @@ t.test('vllm serve parity on the tiny model', async (t) => {
     engine: { maxModelLen: 1024 },
     server: {
       limitImagesPerPrompt: 3,
-      imageSource: { fetchTimeoutMs: 800, maxBytes: 256 * 1024, maxRedirects: 3, allowedLocalMediaPath: allowed },
+      // The image server is on loopback: allowed explicitly (url-guard.ts refuses it by default).
+      imageSource: { fetchTimeoutMs: 800, maxBytes: 256 * 1024, maxRedirects: 3, allowedLocalMediaPath: allowed, allowPrivateImageUrls: true },
     },
   });
   t.teardown(() => s.close());

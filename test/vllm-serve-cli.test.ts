@@ -70,7 +70,9 @@ t.test("CapRL's README, unchanged, against caprl serve with vllm serve's flags",
     '--trust-remote-code', '--tensor-parallel-size=1', '--pipeline-parallel-size=1', '--gpu_memory_utilization=0.95',
     '--served-model-name=caprl', '--port', String(port), '--host', '127.0.0.1',
     // keeps the CPU test quick; not a vLLM flag
-    '--max-model-len', '2048', '--threads', '2']);
+    '--max-model-len', '2048', '--threads', '2',
+    // the image server below is on loopback, refused by default (url-guard.ts)
+    '--allow-private-image-urls']);
   t.teardown(() => {
     if (s.child.exitCode === null) s.child.kill('SIGKILL');
   });

@@ -1,6 +1,7 @@
 // Where an image_url points, turned into image bytes, as vLLM's MediaConnector does:
 //   data:   base64 data URI (decode-data-uri.ts)
-//   http(s) fetched with Node's fetch: redirects followed by hand (at most maxRedirects, to
+//   http(s) fetched through url-guard.ts (only public addresses unless --allow-private-image-urls,
+//           checked at connect time, on every hop): redirects followed by hand (at most maxRedirects, to
 //           http(s) only), one AbortSignal timeout over the whole fetch (VLLM_IMAGE_FETCH_TIMEOUT,
 //           5 s by default), and the body streamed against a size cap.
 //   file:   only under --allowed-local-media-path: the path is normalised, symlinks are
@@ -12,6 +13,7 @@ import { open, realpath } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { decodeImageDataUri, sniffImageFormat } from './decode-data-uri.js';
+import { guardedFetcher } from './url-guard.js';
 import { ImageInputError } from './errors.js';
 
 export interface ImageSourceOptions {
@@ -23,9 +25,11 @@ export interface ImageSourceOptions {
   maxBytes?: number;
   /** Redirects followed per fetch; 0 refuses any. */
   maxRedirects?: number;
+  /** Let http(s) URLs reach loopback, private, link-local and reserved addresses (--allow-private-image-urls). */
+  allowPrivateImageUrls?: boolean;
   /**
-   * The fetch used for each hop (always called with redirect: 'manual'); default the global
-   * fetch. A guard that vets addresses (SSRF) plugs in here.
+   * The fetch used for each hop (always called with redirect: 'manual'); default url-guard.ts's
+   * guardedFetch, which refuses non-public addresses unless allowPrivateImageUrls.
    */
   fetch?: (url: string, init: { redirect: 'manual'; signal: AbortSignal; headers: Record<string, string> }) => Promise<Response>;
 }
@@ -39,7 +43,7 @@ export const DEFAULT_MAX_REDIRECTS = 10;
  * VLLM_IMAGE_FETCH_TIMEOUT (seconds, default 5), VLLM_MEDIA_URL_ALLOW_REDIRECTS (default 1);
  * CAPRL_IMAGE_FETCH_MAX_BYTES for the size cap (default 32 MiB).
  */
-export function imageSourceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): Required<Omit<ImageSourceOptions, 'allowedLocalMediaPath' | 'fetch'>> {
+export function imageSourceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): Required<Omit<ImageSourceOptions, 'allowedLocalMediaPath' | 'fetch' | 'allowPrivateImageUrls'>> {
   const num = (v: string | undefined, def: number): number => {
     const n = v === undefined || v.trim() === '' ? NaN : Number(v);
     return Number.isFinite(n) && n >= 0 ? n : def;
@@ -104,7 +108,7 @@ async function fetchHttp(url: string, opts: ImageSourceOptions, signal?: AbortSi
   const maxRedirects = opts.maxRedirects ?? DEFAULT_MAX_REDIRECTS;
   const timeout = AbortSignal.timeout(timeoutMs);
   const combined = signal ? AbortSignal.any([signal, timeout]) : timeout;
-  const doFetch = opts.fetch ?? fetch;
+  const doFetch = opts.fetch ?? guardedFetcher({ allowPrivate: opts.allowPrivateImageUrls });
   const original = url;
   let current = url;
   try {

@@ -1,12 +1,12 @@
 // `caprl caption INPUT -o out.jsonl`: bulk captioning, in this process or against servers.
 import path from 'node:path';
 import type { Engine } from '../engine/engine.js';
-import { CliUsageError, formatHelp, parseArgs, type CommandSpec } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec } from '../entrypoints/cli-args.js';
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult } from './caption.js';
 import {
   engineFlags, int, openEngineFromFlags, positiveInt, samplingFlags, settingsFromFlags, shardFromFlags, stopSignals, str, strings,
 } from './cli-common.js';
-import { EndpointPool } from './endpoints.js';
+import { EndpointError, EndpointPool } from './endpoints.js';
 import { InputError, openInputSource } from './input-sources.js';
 import { formatDuration, formatRate } from './progress.js';
 
@@ -39,7 +39,7 @@ export const CAPTION_SPEC: CommandSpec = {
 
 export function summaryLine(label: string, out: string, r: CaptionJobResult): string {
   const parts = [
-    `${label}: ${r.written} record${r.written === 1 ? '' : 's'} written to ${out} (${r.errors} error${r.errors === 1 ? '' : 's'})`,
+    `${label}: ${r.written} record${r.written === 1 ? '' : 's'} written to ${out} (${r.errors} error${r.errors === 1 ? '' : 's'}) ` +
     `in ${formatDuration(r.seconds)}, ${formatRate(r.rate, 'img')}`,
   ];
   if (r.alreadyDone) parts.push(`${r.alreadyDone} already done`);
@@ -122,6 +122,9 @@ export async function runCaptionCommand(argv: readonly string[]): Promise<number
     });
     process.stderr.write(summaryLine('caprl caption', output, r));
     return r.stopped ? 130 : 0;
+  } catch (err) {
+    if (err instanceof EndpointError) throw new CliFatalError(`${err.message} (the records written so far are kept: rerun to resume)`, { cause: err });
+    throw err;
   } finally {
     signals.dispose();
     await engine?.close();

@@ -17,7 +17,7 @@ import { summaryLine } from './caption-cli.js';
 import {
   engineFlags, int, openEngineFromFlags, positiveInt, samplingFlags, settingsFromFlags, stopSignals, str, strings,
 } from './cli-common.js';
-import { EndpointPool } from './endpoints.js';
+import { EndpointError, EndpointPool } from './endpoints.js';
 import { errorMessage } from './errors.js';
 import { InputError, openInputSource, type InputRecord, type InputSource } from './input-sources.js';
 import { JsonlAppender, readJsonl, type JsonRecord } from './jsonl-writer.js';
@@ -392,6 +392,9 @@ export async function runEvalCommand(argv: readonly string[]): Promise<number> {
       `in ${formatDuration((performance.now() - t0) / 1000)}; ${path.join(outDir, EVAL_FILES.summary)}\n`,
     );
     return ans.stopped ? 130 : 0;
+  } catch (err) {
+    if (err instanceof EndpointError) throw new CliFatalError(`${err.message} (the items done so far are kept: rerun to resume)`, { cause: err });
+    throw err;
   } finally {
     signals.dispose();
   }

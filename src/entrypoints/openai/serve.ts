@@ -194,7 +194,11 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     apiKeys: cfg.vllm.apiKeys,
     limitImagesPerPrompt: cfg.vllm.limitImagesPerPrompt,
     imageOptions: { minPixels: cfg.vllm.minPixels, maxPixels: cfg.vllm.maxPixels },
-    imageSource: { ...imageSourceOptionsFromEnv(), allowedLocalMediaPath: cfg.vllm.allowedLocalMediaPath },
+    imageSource: {
+      ...imageSourceOptionsFromEnv(),
+      allowedLocalMediaPath: cfg.vllm.allowedLocalMediaPath,
+      allowPrivateImageUrls: cfg.admission.allowPrivateImageUrls,
+    },
     maxLogprobs: cfg.vllm.maxLogprobs,
     maxNumSeqs: cfg.maxNumSeqs,
     logRequests: cfg.vllm.logRequests,
