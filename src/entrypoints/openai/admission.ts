@@ -1,5 +1,6 @@
 // Back-pressure and request lifetime: how many generation requests the server holds at once,
-// how long one may take, and how long a shutdown waits for them. The flags live here too.
+// how long one may take, and how long a shutdown waits for them. The flags live here too (with
+// --allow-private-image-urls, the switch of src/images/url-guard.ts).
 //
 // Admission counts requests from their arrival (before the body is read, so a refused client
 // never costs a body's worth of memory) until their response ends. At most
@@ -37,6 +38,10 @@ export const ADMISSION_FLAGS: FlagSpec[] = [
     name: 'shutdown-timeout', type: 'float', dest: 'shutdownTimeout', metavar: 'SECONDS',
     help: `on SIGTERM/SIGINT, let running requests finish for this long, then cancel them and exit (default: ${ADMISSION_DEFAULTS.shutdownTimeout})`,
   },
+  {
+    name: 'allow-private-image-urls', type: 'bool', dest: 'allowPrivateImageUrls',
+    help: 'let image URLs reach loopback, private, link-local and reserved addresses (default: only public ones)',
+  },
 ];
 
 export interface AdmissionConfig {
@@ -45,6 +50,8 @@ export interface AdmissionConfig {
   requestTimeoutMs: number;
   /** Milliseconds. */
   shutdownTimeoutMs: number;
+  /** Image URLs may reach non-public addresses (src/images/url-guard.ts). */
+  allowPrivateImageUrls: boolean;
 }
 
 /** The admission flags -> settings; throws CliUsageError for values a user must fix. */
@@ -61,6 +68,7 @@ export function admissionConfigFromArgs(values: Record<string, ParsedValue>): Ad
     maxWaitingRequests,
     requestTimeoutMs: seconds('requestTimeout', 'request-timeout', ADMISSION_DEFAULTS.requestTimeout),
     shutdownTimeoutMs: seconds('shutdownTimeout', 'shutdown-timeout', ADMISSION_DEFAULTS.shutdownTimeout),
+    allowPrivateImageUrls: values.allowPrivateImageUrls === true,
   };
 }
 

@@ -213,6 +213,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   // One line per vLLM flag accepted without (full) effect.
   for (const note of cfg.vllm.notes) app.log.warn(note);
   if (cfg.vllm.apiKeys.length > 0) app.log.info(`API key required on /v1/* (${cfg.vllm.apiKeys.length} key${cfg.vllm.apiKeys.length > 1 ? 's' : ''})`);
+  if (cfg.admission.allowPrivateImageUrls) app.log.warn('image URLs may reach private, loopback and link-local addresses (--allow-private-image-urls)');
   if (cfg.vllm.allowedLocalMediaPath) app.log.warn(`file:// images may be read from ${cfg.vllm.allowedLocalMediaPath} (--allowed-local-media-path)`);
   const info = engine.info;
   if (cfg.mmproj && !info.hasVision) app.log.warn(`${cfg.mmproj} loaded but reports no vision support`);
