@@ -292,6 +292,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("kvTotalCells", s.kv_total_cells);
         o.Set("promptTokensTotal", (double) s.prompt_tokens_total);
         o.Set("generationTokensTotal", (double) s.generation_tokens_total);
+        o.Set("preemptions", (double) s.preemptions);
         return o;
     }
 

@@ -165,6 +165,7 @@ EngineStats Engine::stats() const {
     s.kv_total_cells = info_.n_ctx;
     s.prompt_tokens_total = prompt_tokens_total_;
     s.generation_tokens_total = generation_tokens_total_;
+    s.preemptions = preemptions_;
     return s;
 }
 
@@ -338,6 +339,8 @@ void Engine::admit() {
             continue;
         }
         if (free_seq_ids_.size() < (size_t) n) break;
+        // Preempted sequences resume before anything new starts.
+        if (std::any_of(running_.begin(), running_.end(), [](const Sequence & q) { return q.resume_pending; })) break;
         Sequence seq;
         seq.req = std::move(waiting_.front());
         std::string error;
@@ -346,20 +349,24 @@ void Engine::admit() {
             end_unadmitted(seq.req, "error", seq.prompt_cells, error);
             continue;
         }
-        // Worst case: the shared prompt plus every choice's output.
+        // n = 1 needs room for its prompt and a first token; n > 1 reserves the shared prompt plus
+        // every choice's whole output (capped at the pool, so that alone it always starts).
         const int64_t out_cells = std::min<int64_t>(std::max(seq.req.sampling.max_tokens, 1), (int64_t) max_model_len_ - seq.prompt_cells);
-        // Capped at the pool: a request that alone could outgrow it still runs (alone) rather than wait forever.
-        const int64_t want = std::min<int64_t>(seq.prompt_cells + n * out_cells, info_.n_ctx);
-        if (reserved_cells_ + want > (int64_t) info_.n_ctx) {
+        const int64_t want = n == 1 ? seq.prompt_cells + 1 : std::min<int64_t>(seq.prompt_cells + n * out_cells, info_.n_ctx);
+        if (cells_committed(true) + want + growth_watermark() > (int64_t) info_.n_ctx) {
             // Not enough free cells now: put it back (tokenization is redone later; cheap next to decoding).
             waiting_.front() = std::move(seq.req);
             break;
         }
         waiting_.pop_front();
-        // Choices 1..n-1 each hold an equal share of the output cells; choice 0 holds the rest.
-        seq.choice_reserved_cells = (int32_t) ((want - seq.prompt_cells) / n);
-        seq.reserved_cells = (int32_t) (want - (int64_t) (n - 1) * seq.choice_reserved_cells);
-        reserved_cells_ += want;
+        seq.orig_parts = seq.parts.size();
+        if (n > 1) {
+            // Choices 1..n-1 each hold an equal share of the output cells; choice 0 holds the rest.
+            seq.pinned = true;
+            seq.choice_reserved_cells = (int32_t) ((want - seq.prompt_cells) / n);
+            seq.reserved_cells = (int32_t) (want - (int64_t) (n - 1) * seq.choice_reserved_cells);
+            reserved_cells_ += want;
+        }
         seq.seq_id = free_seq_ids_.back();
         free_seq_ids_.pop_back();
         for (int32_t k = 1; k < n; k++) {
@@ -370,14 +377,89 @@ void Engine::admit() {
         seq.text = std::make_unique<TextStream>(seq.req.sampling.stop);
         seq.pending.id = seq.req.id;
         prompt_tokens_total_ += seq.prompt_cells;
-        // Encode every image now, off this thread; decoding goes on meanwhile.
-        for (auto & part : seq.parts) {
-            if (!part.media) continue;
-            part.vision_key = next_vision_key_++;
-            vision_->submit(part.vision_key, seq.chunks, part.media);
-        }
+        submit_images(seq);
         running_.push_back(std::move(seq));
     }
+}
+
+void Engine::submit_images(Sequence & seq) {
+    // Encode every image now, off this thread; decoding goes on meanwhile.
+    for (auto & part : seq.parts) {
+        if (!part.media) continue;
+        part.vision_key = next_vision_key_++;
+        vision_->submit(part.vision_key, seq.chunks, part.media);
+    }
+}
+
+int64_t Engine::growth_watermark() const {
+    // Cells kept free for running sequences to grow into before starting (or resuming) a prompt,
+    // so that preemption does not thrash: 32 tokens per unpinned running sequence, at most 1/4 of the pool.
+    int64_t running = 0;
+    for (const auto & seq : running_) running += !seq.pinned && !seq.finished;
+    return std::min<int64_t>(running * 32, info_.n_ctx / 4);
+}
+
+int64_t Engine::cells_committed(bool with_prefill) const {
+    int64_t cells = reserved_cells_;
+    for (const auto & seq : running_) {
+        if (seq.pinned || seq.finished) continue;
+        cells += seq.n_cells + (with_prefill ? seq.prefill_left() : 0);
+    }
+    return cells;
+}
+
+void Engine::make_room() {
+    for (;;) {
+        int64_t need = cells_committed(false);
+        for (const auto & seq : running_) {
+            if (!seq.pinned && !seq.finished && !seq.prefilling()) need++;
+        }
+        if (need <= (int64_t) info_.n_ctx) return;
+        // The youngest unpinned sequence holding cells gives them back.
+        Sequence * victim = nullptr;
+        for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+            if (!it->pinned && !it->finished && it->n_cells > 0) {
+                victim = &*it;
+                break;
+            }
+        }
+        if (!victim) return;
+        preempt(*victim);
+    }
+}
+
+bool Engine::may_start_resume(const Sequence & seq, int64_t free_cells) const {
+    // A preempted sequence starts its resume only when all of it fits with room to grow.
+    const bool not_started = seq.resume_pending && seq.part == 0 && seq.part_off == 0 && seq.n_cells == 0;
+    if (!not_started) return true;
+    // Alone in the pool it always fits (its length is bounded by max_model_len <= the pool).
+    const bool alone = std::none_of(running_.begin(), running_.end(), [&](const Sequence & q) {
+        return &q != &seq && !q.finished && (q.n_cells > 0 || q.pinned);
+    });
+    return alone || free_cells >= seq.prefill_left() + growth_watermark();
+}
+
+void Engine::preempt(Sequence & seq) {
+    llama_memory_seq_rm(llama_get_memory(ctx_), seq.seq_id, -1, -1);
+    for (auto & part : seq.parts) {
+        if (part.vision_key) vision_->drop(part.vision_key);
+        part.vision_key = 0;
+    }
+    // Later: prefill the prompt and every generated token again; its last logits continue the output.
+    seq.parts.resize(seq.orig_parts);
+    if (!seq.generated.empty()) {
+        PromptPart resume;
+        resume.tokens = seq.generated;
+        seq.parts.push_back(std::move(resume));
+    }
+    seq.resume_pending = !seq.generated.empty();
+    seq.part = 0;
+    seq.part_off = 0;
+    seq.n_past = 0;
+    seq.n_cells = 0;
+    seq.batch_row = -1;
+    submit_images(seq);
+    preemptions_++;
 }
 
 bool Engine::prefill_image(Sequence & seq) {
@@ -414,10 +496,21 @@ bool Engine::step() {
         return false;
     }
 
+    make_room();
+    // Cells unpinned prompts may take this step, after every decoding sequence's next token.
+    int64_t free_cells = (int64_t) info_.n_ctx - cells_committed(false);
+    for (const auto & seq : running_) {
+        if (!seq.pinned && !seq.finished && !seq.prefilling()) free_cells--;
+    }
+
     // Encoded images first: at most one per step, so a step's cost stays bounded.
     bool progress = !out_.empty();
     for (auto & seq : running_) {
-        if (!seq.finished && seq.prefilling() && seq.parts[seq.part].media && prefill_image(seq)) {
+        if (seq.finished || !seq.prefilling() || !seq.parts[seq.part].media) continue;
+        const int32_t cells = seq.parts[seq.part].n_cells();
+        if (!seq.pinned && (cells > free_cells || !may_start_resume(seq, free_cells))) continue;
+        if (prefill_image(seq)) {
+            if (!seq.pinned) free_cells -= cells;
             progress = true;
             break;
         }
@@ -446,7 +539,13 @@ bool Engine::step() {
         const int32_t budget = (int32_t) opts_.n_batch - batch_.n_tokens;
         if (budget <= 0) break;
         const auto & toks = seq.parts[seq.part].tokens;
-        const int32_t take = std::min<int32_t>(budget, (int32_t) (toks.size() - seq.part_off));
+        int32_t take = std::min<int32_t>(budget, (int32_t) (toks.size() - seq.part_off));
+        if (!seq.pinned) {
+            if (!may_start_resume(seq, free_cells)) continue;
+            take = (int32_t) std::min<int64_t>(take, std::max<int64_t>(free_cells, 0));
+            if (take == 0) continue;
+            free_cells -= take;
+        }
         for (int32_t i = 0; i < take; i++) add(toks[seq.part_off + i], seq.n_past + i, seq.seq_id, false);
         seq.n_past += take;
         seq.n_cells += take;
@@ -496,7 +595,10 @@ void Engine::sample_outputs() {
     std::list<Sequence> forked;
     for (auto & seq : running_) {
         if (seq.finished || seq.batch_row < 0) continue;
-        if (seq.n_generated > 0) {
+        if (seq.resume_pending) {
+            // A resumed prefill ended: the cache holds every generated token again.
+            seq.resume_pending = false;
+        } else if (seq.n_generated > 0) {
             // The token sampled last step was decoded in this batch.
             seq.n_past++;
             seq.n_cells++;
@@ -520,6 +622,7 @@ Sequence Engine::fork_choice(const Sequence & parent, int32_t index, llama_seq_i
     c.req.sampling = parent.req.sampling;
     if (c.req.sampling.seed >= 0) c.req.sampling.seed += index;  // distinct but reproducible streams
     c.index = index;
+    c.pinned = true;
     c.seq_id = seq_id;
     c.parts = {};
     c.prompt_cells = parent.prompt_cells;
@@ -569,6 +672,7 @@ void Engine::sample_one(Sequence & seq, int32_t row) {
         return;
     }
     seq.next = tok;
+    seq.generated.push_back(tok);
 }
 
 void Engine::finish(Sequence & seq, const std::string & reason, const std::string & error) {

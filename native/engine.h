@@ -64,6 +64,12 @@ class Engine {
     void admit();
     bool prepare_prompt(Sequence & seq, std::string & error);
     bool prefill_image(Sequence & seq);  // decodes an encoded image into the KV cache; false if not encoded yet
+    void submit_images(Sequence & seq);
+    int64_t cells_committed(bool with_prefill) const;  // reserved (pinned) + used (+ still to prefill) cells
+    void make_room();                      // preempts the youngest unpinned sequences until this step fits
+    void preempt(Sequence & seq);
+    int64_t growth_watermark() const;
+    bool may_start_resume(const Sequence & seq, int64_t free_cells) const;
     void sample_outputs();
     void sample_one(Sequence & seq, int32_t row);
     Sequence fork_choice(const Sequence & parent, int32_t index, llama_seq_id seq_id);
@@ -114,6 +120,7 @@ class Engine {
     std::atomic<uint32_t> kv_used_{0};
     std::atomic<uint64_t> prompt_tokens_total_{0};
     std::atomic<uint64_t> generation_tokens_total_{0};
+    std::atomic<uint64_t> preemptions_{0};
 };
 
 }  // namespace caprl

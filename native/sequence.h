@@ -43,12 +43,26 @@ struct Sequence {
     int32_t n_generated = 0;
     int32_t batch_row = -1; // row of this step's logits, -1 if none
 
+    // KV admission: a pinned request (n > 1) holds a worst-case reservation; an unpinned one
+    // (n = 1) takes cells as it goes and may be preempted (its cells freed, its prompt and the
+    // tokens generated so far prefilled again later), as vLLM's recompute preemption does.
+    bool pinned = false;
+    size_t orig_parts = 0;                 // parts of the original prompt (a resume part may follow)
+    std::vector<llama_token> generated;    // every sampled token handed to decode, in order
+    bool resume_pending = false;           // the prefill in progress re-creates generated tokens
+
     std::unique_ptr<Sampler> sampler;
     std::unique_ptr<TextStream> text;
     Event pending;          // output gathered this step
     bool finished = false;
 
     bool prefilling() const { return part < parts.size(); }
+    // Prompt cells not yet in the cache.
+    int32_t prefill_left() const {
+        int32_t left = 0;
+        for (size_t i = part; i < parts.size(); i++) left += parts[i].n_cells();
+        return left - (int32_t) part_off;
+    }
 };
 
 }  // namespace caprl

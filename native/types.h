@@ -95,6 +95,7 @@ struct EngineStats {
     uint32_t kv_total_cells = 0;
     uint64_t prompt_tokens_total = 0;
     uint64_t generation_tokens_total = 0;
+    uint64_t preemptions = 0;
 };
 
 }  // namespace caprl

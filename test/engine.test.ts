@@ -208,6 +208,31 @@ t.test('engine on the tiny model', async (t) => {
     t.ok(during >= 20, `${during} tokens of the other request were decoded before the image request's first token`);
   });
 
+  t.test('preemption: more demand than KV cells, every request still completes', async (t) => {
+    // A pool of 512 cells for 4 requests that each grow to ~230: the youngest are preempted
+    // (cells freed) and resume by prefilling their prompt and output again.
+    const small = new Engine({ model, mmproj, nCtx: 512, maxSeqs: 4, nBatch: 512, nThreads: 2, logLevel: 'error' });
+    t.teardown(() => small.close());
+    const rs = await Promise.all(prompts.slice(0, 4).map(async (p) => {
+      const r: Result = { tokens: [], text: '', events: [], finish: undefined as never };
+      for await (const ev of small.generate({ prompt: p, images: [], sampling: greedy({ maxTokens: 200 }) })) {
+        r.tokens.push(...ev.tokens);
+        r.text += ev.text;
+        if (ev.finish) r.finish = ev.finish;
+      }
+      return r;
+    }));
+    const s = small.stats();
+    t.ok(s.preemptions > 0, `${s.preemptions} preemptions`);
+    for (const r of rs) {
+      t.equal(r.finish.reason, 'length');
+      t.equal(r.tokens.length, 200, 'no token lost or repeated across a preemption');
+      t.equal(r.finish.completionTokens, 200);
+    }
+    t.equal(s.kvUsedCells, 0);
+    t.equal(s.running, 0);
+  });
+
   t.test('a prompt longer than the context is an error, not a crash', async (t) => {
     const r = await collect(engine, 'word '.repeat(5000), greedy());
     t.equal(r.finish.reason, 'error');

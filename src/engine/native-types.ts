@@ -113,6 +113,8 @@ export interface EngineStats {
   kvTotalCells: number;
   promptTokensTotal: number;
   generationTokensTotal: number;
+  /** Sequences whose KV cells were taken back to make room (they resume by prefilling again). */
+  preemptions: number;
 }
 
 export interface EngineInfo {
