@@ -141,8 +141,7 @@ export class ServerMetrics {
     };
     counter('vllm:prompt_tokens_total', 'Number of prefill tokens processed.', (s) => s.promptTokensTotal);
     counter('vllm:generation_tokens_total', 'Number of generation tokens processed.', (s) => s.generationTokensTotal);
-    // The engine reserves every request's worst-case KV cells before admitting it: it never preempts.
-    new Counter({ name: 'vllm:num_preemptions_total', help: 'Cumulative number of preemption from the engine.', labelNames, registers: [r] }).inc(L, 0);
+    counter('vllm:num_preemptions_total', 'Cumulative number of preemption from the engine.', (s) => s.preemptions ?? 0);
     this.success = new Counter({
       name: 'vllm:request_success_total', help: 'Count of successfully processed requests.',
       labelNames: [...labelNames, 'finished_reason'], registers: [r],
