@@ -187,6 +187,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         opts.n_gpu_layers = (int32_t) get_number(o, "nGpuLayers", -1);
         opts.chat_template = get_string(o, "chatTemplate");
         opts.log_level = get_string(o, "logLevel", "warn");
+        opts.image_cache_bytes = (size_t) get_number(o, "imageCacheBytes", (double) opts.image_cache_bytes);
         if (opts.model.empty()) throw Napi::TypeError::New(env, "options.model is required");
         if (opts.max_seqs < 1 || opts.n_ctx < 16 || opts.n_batch < 1) throw Napi::RangeError::New(env, "nCtx, maxSeqs and nBatch must be positive");
 
@@ -293,6 +294,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("promptTokensTotal", (double) s.prompt_tokens_total);
         o.Set("generationTokensTotal", (double) s.generation_tokens_total);
         o.Set("preemptions", (double) s.preemptions);
+        o.Set("imageCacheHits", (double) s.image_cache_hits);
+        o.Set("imageCacheMisses", (double) s.image_cache_misses);
         return o;
     }
 

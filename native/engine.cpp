@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <thread>
+#include <string_view>
 #include <unordered_set>
 
 namespace caprl {
@@ -80,7 +81,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
             llama_model_free(model_);
             throw std::runtime_error("failed to load mmproj " + opts_.mmproj);
         }
-        vision_ = std::make_unique<VisionWorker>(mtmd_, llama_model_n_embd_inp(model_), [this] {
+        vision_ = std::make_unique<VisionWorker>(mtmd_, llama_model_n_embd_inp(model_), opts_.image_cache_bytes, [this] {
             {
                 std::lock_guard<std::mutex> lk(mu_);
                 vision_ready_ = true;
@@ -166,6 +167,8 @@ EngineStats Engine::stats() const {
     s.prompt_tokens_total = prompt_tokens_total_;
     s.generation_tokens_total = generation_tokens_total_;
     s.preemptions = preemptions_;
+    s.image_cache_hits = vision_ ? vision_->cache_hits() : 0;
+    s.image_cache_misses = vision_ ? vision_->cache_misses() : 0;
     return s;
 }
 
@@ -283,6 +286,10 @@ bool Engine::prepare_prompt(Sequence & seq, std::string & error) {
                 return false;
             }
             bitmaps.emplace_back(img.width, img.height, img.rgb.data());
+            // The id keys the image-embedding cache: pixels and size (preprocessing is fixed per mmproj).
+            const size_t h = std::hash<std::string_view>{}(std::string_view((const char *) img.rgb.data(), img.rgb.size()));
+            const std::string id = std::to_string(img.width) + "x" + std::to_string(img.height) + ":" + std::to_string(h);
+            mtmd_bitmap_set_id(bitmaps.back().ptr.get(), id.c_str());
             ptrs.push_back(bitmaps.back().ptr.get());
         }
         seq.chunks = SharedChunks(mtmd_input_chunks_init(), mtmd_input_chunks_free);

@@ -82,6 +82,7 @@ struct EngineOptions {
     int32_t n_gpu_layers = -1;
     std::string chat_template;
     std::string log_level = "warn";
+    size_t image_cache_bytes = 256u << 20;  // image-embedding cache; 0 = off
 };
 
 struct EngineStats {
@@ -96,6 +97,8 @@ struct EngineStats {
     uint64_t prompt_tokens_total = 0;
     uint64_t generation_tokens_total = 0;
     uint64_t preemptions = 0;
+    uint64_t image_cache_hits = 0;
+    uint64_t image_cache_misses = 0;
 };
 
 }  // namespace caprl

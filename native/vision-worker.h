@@ -5,11 +5,14 @@
 
 #include "mtmd.h"
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <list>
 #include <memory>
+#include <string>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -23,7 +26,9 @@ using SharedChunks = std::shared_ptr<mtmd_input_chunks>;
 class VisionWorker {
   public:
     // on_ready is called (from the worker thread) after each encode, successful or not.
-    VisionWorker(mtmd_context * mtmd, int32_t n_embd, std::function<void()> on_ready);
+    // Encoded embeddings are kept in an LRU cache of at most cache_bytes, keyed by the chunk's id
+    // (the engine sets it to a hash of the image's pixels and size).
+    VisionWorker(mtmd_context * mtmd, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready);
     ~VisionWorker();  // drops pending work and joins
 
     // Queues one image chunk; `owner` keeps it alive while queued or being encoded.
@@ -32,6 +37,9 @@ class VisionWorker {
     bool take(uint64_t key, std::vector<float> & embd, bool & ok);
     // Forgets a chunk whose request ended; its result, if any, is discarded.
     void drop(uint64_t key);
+
+    uint64_t cache_hits() const { return hits_; }
+    uint64_t cache_misses() const { return misses_; }
 
   private:
     struct Job {
@@ -44,6 +52,9 @@ class VisionWorker {
         std::vector<float> embd;
     };
     void loop();
+    // Cache, guarded by mu_.
+    bool cache_get(const std::string & id, std::vector<float> & out);
+    void cache_put(const std::string & id, const std::vector<float> & embd);
 
     mtmd_context * mtmd_;
     int32_t n_embd_;
@@ -54,6 +65,12 @@ class VisionWorker {
     std::unordered_map<uint64_t, Result> done_;
     std::unordered_set<uint64_t> dropped_;
     uint64_t busy_key_ = 0;
+    size_t cache_limit_;
+    size_t cache_bytes_ = 0;
+    std::list<std::pair<std::string, std::vector<float>>> lru_;  // most recent first
+    std::unordered_map<std::string, decltype(lru_)::iterator> cache_;
+    std::atomic<uint64_t> hits_{0};
+    std::atomic<uint64_t> misses_{0};
     bool stopping_ = false;
     std::thread thread_;
 };

@@ -208,6 +208,33 @@ t.test('engine on the tiny model', async (t) => {
     t.ok(during >= 20, `${during} tokens of the other request were decoded before the image request's first token`);
   });
 
+  t.test('an image seen before is not encoded again (embedding cache)', async (t) => {
+    const W = 224, H = 168;
+    const rgb = Buffer.alloc(W * H * 3);
+    for (let i = 0; i < rgb.length; i++) rgb[i] = (i * 31) & 255;
+    const other = Buffer.from(rgb);
+    other[0] ^= 1;  // one pixel differs: another image
+    const prompt = `<|im_start|>user\n${engine.info.mediaMarker}Please describe this image in detail<|im_end|>\n<|im_start|>assistant\n`;
+    const caption = async (pixels: Buffer) => {
+      let tokens: number[] = [];
+      for await (const ev of engine.generate({ prompt, images: [{ width: W, height: H, rgb: pixels }], sampling: greedy({ maxTokens: 8 }) })) {
+        tokens = tokens.concat(ev.tokens);
+      }
+      return tokens;
+    };
+    const s0 = engine.stats();
+    const first = await caption(rgb);
+    const s1 = engine.stats();
+    const second = await caption(Buffer.from(rgb));
+    const s2 = engine.stats();
+    await caption(other);
+    const s3 = engine.stats();
+    t.equal(s1.imageCacheMisses - s0.imageCacheMisses, 1, 'first sight: encoded');
+    t.equal(s2.imageCacheHits - s1.imageCacheHits, 1, 'same pixels again: from the cache');
+    t.same(second, first, 'cached embeddings give the same caption');
+    t.equal(s3.imageCacheMisses - s2.imageCacheMisses, 1, 'one pixel changed: encoded');
+  });
+
   t.test('preemption: more demand than KV cells, every request still completes', async (t) => {
     // A pool of 512 cells for 4 requests that each grow to ~230: the youngest are preempted
     // (cells freed) and resume by prefilling their prompt and output again.

@@ -24,6 +24,8 @@ export interface EngineOptions {
   chatTemplate?: string;
   /** llama.cpp log lines at or above this level reach stderr: 'none' | 'error' | 'warn' | 'info' | 'debug'. */
   logLevel?: string;
+  /** Bytes of image embeddings kept for reuse (keyed by pixels and size); default 256 MiB, 0 = off. */
+  imageCacheBytes?: number;
 }
 
 /** Per-request sampling, already validated and defaulted by JS. */
@@ -115,6 +117,9 @@ export interface EngineStats {
   generationTokensTotal: number;
   /** Sequences whose KV cells were taken back to make room (they resume by prefilling again). */
   preemptions: number;
+  /** Images whose embeddings came from the cache (same pixels and size as an earlier image). */
+  imageCacheHits: number;
+  imageCacheMisses: number;
 }
 
 export interface EngineInfo {
