@@ -27,9 +27,17 @@ export interface PrepareOptions extends Partial<ResizeLimits> {
 
 const DEFAULT_MAX_INPUT_PIXELS = 0x3fff * 0x3fff; // sharp's own default, ~268 Mpx
 
-function decodeFailed(err: unknown): ImageInputError {
-  const msg = err instanceof Error ? err.message : String(err);
-  return new ImageInputError('image_decode_failed', `could not decode the image: ${msg.trim()}`);
+function decodeFailed(err: unknown, maxInputPixels: number): ImageInputError {
+  // libvips messages can span lines; one line reads better in an error object and a log.
+  const msg = (err instanceof Error ? err.message : String(err)).trim().replace(/\s*\n\s*/g, '; ');
+  if (/exceeds pixel limit/i.test(msg)) {
+    const side = Math.floor(Math.sqrt(maxInputPixels));
+    return new ImageInputError(
+      'invalid_image_size',
+      `the image has more than ${maxInputPixels} pixels (about ${side}x${side}), the most this server decodes; send a smaller image`,
+    );
+  }
+  return new ImageInputError('image_decode_failed', `could not decode the image: ${msg}`);
 }
 
 /** Decodes, orients, flattens, converts and resizes image bytes. Throws ImageInputError. */
@@ -39,16 +47,17 @@ export async function prepareImage(bytes: Buffer, opts: PrepareOptions = {}): Pr
     maxPixels: opts.maxPixels ?? HF_MAX_PIXELS,
     factor: opts.factor,
   };
+  const maxInputPixels = opts.maxInputPixels ?? DEFAULT_MAX_INPUT_PIXELS;
   const sharpOpts: SharpOptions = {
     autoOrient: true,
-    limitInputPixels: opts.maxInputPixels ?? DEFAULT_MAX_INPUT_PIXELS,
+    limitInputPixels: maxInputPixels,
     pages: 1,
   };
   let meta: Metadata;
   try {
     meta = await sharp(bytes, sharpOpts).metadata();
   } catch (err) {
-    throw decodeFailed(err);
+    throw decodeFailed(err, maxInputPixels);
   }
   const originalWidth = meta.autoOrient?.width ?? meta.width;
   const originalHeight = meta.autoOrient?.height ?? meta.height;
@@ -72,7 +81,7 @@ export async function prepareImage(bytes: Buffer, opts: PrepareOptions = {}): Pr
       .raw({ depth: 'uchar' })
       .toBuffer({ resolveWithObject: true });
   } catch (err) {
-    throw decodeFailed(err);
+    throw decodeFailed(err, maxInputPixels);
   }
   const { info, data } = out;
   if (info.width !== target.width || info.height !== target.height || info.channels !== 3 ||
