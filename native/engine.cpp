@@ -72,7 +72,9 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     if (!opts_.mmproj.empty()) {
         mtmd_context_params mparams = mtmd_context_params_default();
         mparams.use_gpu = opts_.n_gpu_layers != 0;
-        mparams.n_threads = (int) threads;
+        // The vision worker runs beside the decode loop: by default it gets half the CPU threads so
+        // the two ggml thread pools do not fight over every core (measured on 2 cores: 1.3x captions/s).
+        mparams.n_threads = opts_.n_vision_threads > 0 ? opts_.n_vision_threads : (int) std::max(1u, threads / 2);
         mparams.print_timings = false;
         mparams.warmup = false;
         mtmd_ = mtmd_init_from_file(opts_.mmproj.c_str(), model_, mparams);

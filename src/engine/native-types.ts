@@ -18,6 +18,8 @@ export interface EngineOptions {
   nBatch: number;
   /** CPU threads for decode; 0 = llama.cpp's default. */
   nThreads?: number;
+  /** CPU threads of the vision worker (image encoding beside decoding); 0 = half of nThreads. */
+  nVisionThreads?: number;
   /** Layers to offload to the GPU; -1 = all. Ignored on CPU builds. */
   nGpuLayers?: number;
   /** Jinja chat template overriding the model's own. */
