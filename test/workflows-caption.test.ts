@@ -71,12 +71,14 @@ t.test('in-process captioning', async (t) => {
 
   t.test('a stopped run, a torn line, a resumed run: every image exactly once', async (t) => {
     const out = path.join(tmp, 'resumed.jsonl');
-    const first = await runCaptionJob({ source, output: out, captioner, settings, seed: 11, limit: 3, concurrency: 2 });
+    // One request at a time wherever captions are compared: the engine's batched decoding is not
+    // bit-for-bit batch invariant with images, so seeded captions only repeat for the same batching.
+    const first = await runCaptionJob({ source, output: out, captioner, settings, seed: 11, limit: 3, concurrency: 1 });
     t.match(first, { planned: 3, written: 3, alreadyDone: 0, stopped: false });
     t.equal(readRecords(out).length, 3);
     // The crash: a half-written line at the end.
     appendFileSync(out, '{"id":"nested/c.png","image":"x","capt');
-    const second = await runCaptionJob({ source, output: out, captioner, settings, seed: 11, concurrency: 4 });
+    const second = await runCaptionJob({ source, output: out, captioner, settings, seed: 11, concurrency: 1 });
     t.ok(second.tornBytes > 0, 'the torn line was cut');
     t.match(second, { alreadyDone: 3, planned: 3, written: 3 });
     t.equal(first.errors + second.errors, 1, 'one error record (the broken image)');
@@ -96,8 +98,8 @@ t.test('in-process captioning', async (t) => {
     const third = await runCaptionJob({ source, output: out, captioner, settings, seed: 11 });
     t.match(third, { planned: 0, written: 0, alreadyDone: 6 }, 'a finished run has nothing left to do');
 
-    // The same seed in one go, all at once: the same captions (the seed follows the record id).
-    const once = await runCaptionJob({ source, output: full, captioner, settings, seed: 11, concurrency: 6 });
+    // The same seed in one go: the same captions (the seed follows the record id, not the order).
+    const once = await runCaptionJob({ source, output: full, captioner, settings, seed: 11, concurrency: 1 });
     t.equal(once.written, 6);
     reference = new Map(readRecords(full).map((r) => [r.id, r]));
     for (const r of recs) t.equal(r.caption, reference.get(r.id)!.caption, `same caption for ${r.id}`);
@@ -112,7 +114,7 @@ t.test('in-process captioning', async (t) => {
     const ids: string[][] = [];
     for (let i = 0; i < 3; i++) {
       const out = path.join(tmp, `shard-${i}.jsonl`);
-      const r = await runCaptionJob({ source, output: out, captioner, settings, seed: 11, shard: { index: i, count: 3 } });
+      const r = await runCaptionJob({ source, output: out, captioner, settings, seed: 11, shard: { index: i, count: 3 }, concurrency: 1 });
       t.equal(r.written, r.planned);
       const recs = readRecords(out);
       ids.push(recs.map((x) => x.id));

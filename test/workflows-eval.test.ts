@@ -99,14 +99,14 @@ t.test('caprl eval', async (t) => {
   t.test('the same seed, the same evaluation (option shuffles included)', async (t) => {
     const x = path.join(tmp, 'shuffled-1');
     const y = path.join(tmp, 'shuffled-2');
-    t.equal(await runEvalCommand(flags(x, '--shuffle-options')), 0);
-    t.equal(await runEvalCommand(flags(y, '--shuffle-options', '--concurrency', '1', '--answer-concurrency', '1')), 0);
+    // One request at a time: seeded sampling repeats exactly for the same engine batching.
+    const sequential = ['--shuffle-options', '--concurrency', '1', '--answer-concurrency', '1'];
+    t.equal(await runEvalCommand(flags(x, ...sequential)), 0);
+    t.equal(await runEvalCommand(flags(y, ...sequential)), 0);
     const dx = read(path.join(x, 'details.jsonl')).sort((p, q) => (p.id < q.id ? -1 : 1));
     const dy = read(path.join(y, 'details.jsonl')).sort((p, q) => (p.id < q.id ? -1 : 1));
     t.same(dx, dy, 'identical details');
-    const first = new Map(read(path.join(out, 'details.jsonl')).map((r) => [r.id, r]));
     for (const r of dx.filter((d) => d.error === null)) {
-      t.same(r.captions, first.get(r.id)!.captions, `${r.id}: stage-1 captions depend on the seed and the item only`);
       const asked = r.asked as string[];
       const expected = r.expected as string[];
       t.equal(asked.length, 2);

@@ -19,7 +19,7 @@ import type { EndpointPool } from './endpoints.js';
 import { RecordError, errorMessage } from './errors.js';
 import { loadImage, type InputRecord, type InputSource, type LoadImageOptions } from './input-sources.js';
 import { JsonlAppender, type JsonRecord } from './jsonl-writer.js';
-import { runPool } from './pool.js';
+import { runPool, withLinkedSignal } from './pool.js';
 import { RunProgress, type ProgressSink } from './progress.js';
 import { inShard, type Shard } from './shard.js';
 
@@ -316,8 +316,10 @@ export async function runCaptionJob(o: CaptionJobOptions): Promise<CaptionJobRes
         return;
       }
       try {
-        const image = await loadImage(rec.location, { ...o.load, signal: o.abort });
-        const r = await o.captioner.caption(image, rec.prompt ?? o.prompt ?? DEFAULT_CAPTION_PROMPT, o.settings, n, recordSeed(o.seed, rec.id), o.abort);
+        const r = await withLinkedSignal(o.abort, async (signal) => {
+          const image = await loadImage(rec.location, { ...o.load, signal });
+          return o.captioner.caption(image, rec.prompt ?? o.prompt ?? DEFAULT_CAPTION_PROMPT, o.settings, n, recordSeed(o.seed, rec.id), signal);
+        });
         if (o.abort?.aborted) return;
         result.promptTokens += r.promptTokens;
         result.completionTokens += r.completionTokens;

@@ -1,6 +1,7 @@
 // Flags and setup shared by `caprl caption`, `caprl run-batch` and `caprl eval`: the engine
 // flags are `caprl serve`'s own (same names, same help, same checks, Hugging Face models too),
 // sampling flags map to the chat request fields and are validated exactly as a request is.
+import { setMaxListeners } from 'node:events';
 import { Engine } from '../engine/engine.js';
 import { CliFatalError, CliUsageError, type FlagSpec, type ParsedValue } from '../entrypoints/cli-args.js';
 import { ApiError } from '../entrypoints/openai/errors.js';
@@ -113,6 +114,9 @@ export async function openEngineFromFlags(values: Record<string, ParsedValue>): 
 export function stopSignals(log: (s: string) => void): { stop: AbortSignal; abort: AbortSignal; dispose: () => void } {
   const stop = new AbortController();
   const abort = new AbortController();
+  // Each request in flight links its own signal to these (pool.ts withLinkedSignal): as many
+  // listeners as the concurrency, which is not a leak.
+  setMaxListeners(0, stop.signal, abort.signal);
   const on = (sig: NodeJS.Signals): void => {
     if (!stop.signal.aborted) {
       log(`${sig}: finishing the records in flight, then stopping (again to cancel them); rerun to resume`);

@@ -41,3 +41,21 @@ export async function runPool<T>(
   const f = failure as { err: unknown } | null;
   if (f) throw f.err;
 }
+
+/**
+ * Runs `fn` with a signal of its own that aborts when `parent` does. Long runs hand one of these
+ * to each request instead of the run's signal: listeners a request leaves on its signal (the
+ * engine's, a fetch's) go away with it, instead of piling up on the run's signal.
+ */
+export async function withLinkedSignal<T>(parent: AbortSignal | undefined, fn: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const ac = new AbortController();
+  if (!parent) return fn(ac.signal);
+  if (parent.aborted) ac.abort(parent.reason);
+  const onAbort = (): void => ac.abort(parent.reason);
+  parent.addEventListener('abort', onAbort, { once: true });
+  try {
+    return await fn(ac.signal);
+  } finally {
+    parent.removeEventListener('abort', onAbort);
+  }
+}

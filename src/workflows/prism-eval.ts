@@ -42,7 +42,7 @@ export interface EvalAnswerOptions {
   answerer: Answerer;
   seed: number;
   shuffle?: boolean;
-  /** Items answered at once (each asks n questions). */
+  /** Answers in flight (default: the answerer's); 1 answers one question at a time. */
   concurrency?: number;
   retryErrors?: boolean;
   progress?: ProgressSink | null;
@@ -92,8 +92,13 @@ export async function runEvalAnswers(o: EvalAnswerOptions): Promise<EvalAnswerRe
       progress.tick(isError);
     };
     const stopOrAbort = o.stop && o.abort ? AbortSignal.any([o.stop, o.abort]) : (o.stop ?? o.abort);
+    const answers = o.concurrency ?? o.answerer.defaultConcurrency;
+    const firstCaptions = [...captions.values()].find((c) => Array.isArray(c.captions))?.captions as unknown[] | undefined;
+    const n = Math.max(1, firstCaptions?.length ?? 1);
+    const perItem = Math.min(n, answers);
+    const items = Math.max(1, Math.floor(answers / perItem));
     try {
-      await runPool(todo, o.concurrency ?? Math.max(1, Math.floor(o.answerer.defaultConcurrency / 4)), async (rec) => {
+      await runPool(todo, items, async (rec) => {
         const cap = captions.get(rec.id)!;
         const base: JsonRecord = { id: rec.id, image: rec.image };
         const fail = (stage: string, message: string): JsonRecord => ({ ...base, error: `${stage}: ${message}`, error_stage: stage });
@@ -116,7 +121,7 @@ export async function runEvalAnswers(o: EvalAnswerOptions): Promise<EvalAnswerRe
           rewards = await computeRewards(
             texts.map((caption, k) => ({ caption, questions: [mc], key: `${rec.id}/${k}` })),
             o.answerer,
-            { seed: o.seed, shuffle: o.shuffle, concurrency: texts.length, signal: o.abort },
+            { seed: o.seed, shuffle: o.shuffle, concurrency: perItem, signal: o.abort },
           );
         } catch (err) {
           if (o.abort?.aborted) return;
@@ -235,7 +240,7 @@ export const EVAL_SPEC: CommandSpec = {
     { name: 'answerer-max-tokens', type: 'int', dest: 'answererMaxTokens', help: `answer length (default: ${ANSWER_DEFAULTS.maxTokens} in this process, where the reply is primed with "The answer is"; ${ENDPOINT_ANSWER_MAX_TOKENS} for an endpoint)` },
     { name: 'shuffle-options', type: 'bool', dest: 'shuffle', help: 'shuffle each question\'s options per caption (seeded), as CapRL\'s reward can' },
     { name: 'concurrency', type: 'int', dest: 'concurrency', help: 'stage 1 images in flight (default: --max-num-seqs / n in this process)' },
-    { name: 'answer-concurrency', type: 'int', dest: 'answerConcurrency', help: 'stage 2 items in flight (default: the answerer\'s)' },
+    { name: 'answer-concurrency', type: 'int', dest: 'answerConcurrency', help: 'stage 2 answers in flight (default: the answerer\'s; 1 = one at a time)' },
     { name: 'limit', type: 'int', dest: 'limit', help: 'caption at most this many new items in this run' },
     { name: 'retry-errors', type: 'bool', dest: 'retryErrors', help: 'redo items that failed (caption or answer errors)' },
     { name: 'image-root', type: 'string', dest: 'imageRoot', metavar: 'DIR', help: "folder relative image paths start from (default: the input's folder)" },

@@ -6,7 +6,7 @@
 // the item's key, so a request gives the same rewards whatever the concurrency.
 import type { Answerer } from './answerer.js';
 import { RecordError, errorMessage } from './errors.js';
-import { runPool } from './pool.js';
+import { runPool, withLinkedSignal } from './pool.js';
 import { CANNOT_ANSWER, keyedSeed, meanAccuracy, parseAnswerLetter, renderQuestion, shuffleQuestion, type MultipleChoice } from './qa.js';
 import { Xoshiro128 } from '../model/prng.js';
 
@@ -125,7 +125,7 @@ export async function computeRewards(items: readonly RewardItem[], answerer: Ans
   await runPool(asks.map((a, k) => ({ a, k })), o.concurrency ?? answerer.defaultConcurrency, async ({ a, k }) => {
     const base = { question: a.question, sample: a.sample, asked: a.text, expected: a.expected };
     try {
-      const r = await answerer.answer(items[a.item]!.caption, a.text, a.seed, o.signal);
+      const r = await withLinkedSignal(o.signal, (signal) => answerer.answer(items[a.item]!.caption, a.text, a.seed, signal));
       tokens[k] = { p: r.promptTokens, c: r.completionTokens };
       answers[k] = { ...base, ...scoreReply(a, r.text), response: r.text };
     } catch (err) {
