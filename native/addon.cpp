@@ -230,6 +230,9 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         Napi::Array devs = Napi::Array::New(env, i.devices.size());
         for (size_t k = 0; k < i.devices.size(); k++) devs.Set((uint32_t) k, i.devices[k]);
         o.Set("devices", devs);
+        o.Set("maxSeqs", i.max_seqs);
+        o.Set("nLayers", i.n_layers);
+        o.Set("nGpuLayers", i.n_gpu_layers);
         return o;
     }
 

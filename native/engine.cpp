@@ -105,6 +105,14 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     info_.n_ctx_train = llama_model_n_ctx_train(model_);
     info_.n_vocab = n_vocab;
     info_.has_vision = mtmd_ && mtmd_support_vision(mtmd_);
+    info_.max_seqs = opts_.max_seqs;
+    info_.n_layers = llama_model_n_layer(model_) + 1;
+    bool has_gpu = false;
+    for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+        const auto type = ggml_backend_dev_type(ggml_backend_dev_get(i));
+        has_gpu = has_gpu || type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU;
+    }
+    info_.n_gpu_layers = has_gpu ? std::min(info_.n_layers, mp.n_gpu_layers) : 0;
     for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);
         size_t free_mem = 0, total_mem = 0;

@@ -31,6 +31,9 @@ struct EngineInfo {
     int32_t n_vocab = 0;
     bool has_vision = false;
     std::vector<std::string> devices;
+    uint32_t max_seqs = 0;
+    int32_t n_layers = 0;          // repeating layers + output layer, as llama.cpp counts for offload
+    int32_t n_gpu_layers = 0;      // of those, on a GPU
 };
 
 struct ChatMessage {

@@ -52,6 +52,9 @@ t.test('engine on the tiny model', async (t) => {
     t.match(engine.info.chatTemplate, /im_start/);
     t.equal(engine.info.nCtx, 4096);
     t.ok(engine.info.devices.length > 0);
+    t.equal(engine.info.maxSeqs, 8);
+    t.ok(engine.info.nLayers > 1);
+    t.equal(engine.info.nGpuLayers, 0, 'a CPU build offloads nothing');
   });
 
   t.test('8 concurrent requests share decode steps and match their solo greedy tokens', async (t) => {

@@ -134,6 +134,11 @@ export interface EngineInfo {
   hasVision: boolean;
   /** Backend devices in use, e.g. ["CPU"] or ["CUDA0 (NVIDIA H100 80GB HBM3, 81559 MiB)"]. */
   devices: string[];
+  /** Most sequences decoded at once (EngineOptions.maxSeqs): the cap on n. */
+  maxSeqs: number;
+  /** Layers llama.cpp can offload (repeating layers + output) and how many sit on a GPU. */
+  nLayers: number;
+  nGpuLayers: number;
 }
 
 export interface ChatTemplateMessage {

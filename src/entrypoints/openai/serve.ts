@@ -234,7 +234,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   app.log.info(
     `serving ${cfg.servedModelNames.map((n) => `"${n}"`).join(', ')} on ${address}/v1 ` +
     `(model ${cfg.model}${cfg.mmproj ? ` + ${cfg.mmproj}` : ''}; max_model_len ${Math.min(cfg.maxModelLen, info.nCtx)}, ` +
-    `KV cache ${info.nCtx} tokens, ${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'})`,
+    `KV cache ${info.nCtx} tokens, ${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'}; ${info.nGpuLayers}/${info.nLayers} layers on GPU)`,
   );
 
   return new Promise<number>((resolve) => {
