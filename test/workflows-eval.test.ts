@@ -4,13 +4,14 @@
 // items, the summary equal to what details.jsonl says, and the same results under the same seed.
 import t from 'tap';
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import sharp from 'sharp';
 import { runEvalCommand } from '../src/workflows/prism-eval.js';
 import { tinyModel } from './helpers/models.js';
+import { startTestServer } from './helpers/server.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const bin = path.join(root, 'bin', 'caprl.js');
@@ -118,6 +119,27 @@ t.test('caprl eval', async (t) => {
       });
       t.same(r.correct, (r.predictions as (string | null)[]).map((p, k) => p === expected[k]));
     }
+  });
+
+  t.test('an answerer behind a server (--answerer-endpoint), stage 2 alone', async (t) => {
+    const server = await startTestServer({ textOnly: true, engine: { maxSeqs: 4, maxModelLen: 2048 } });
+    t.teardown(() => server.close());
+    const dir = path.join(tmp, 'endpoint-answers');
+    mkdirSync(dir);
+    copyFileSync(path.join(out, 'captions.jsonl'), path.join(dir, 'captions.jsonl'));
+    t.equal(await runEvalCommand([
+      '-i', data, '-o', dir, '--stage', 'answer', '--answerer-endpoint', server.baseURL, '--answerer-name', 'caprl',
+      '--answerer-temperature', '0', '--answerer-max-tokens', '6', '--no-progress',
+    ]), 0);
+    const details = read(path.join(dir, 'details.jsonl'));
+    t.same(details.map((r) => r.id).sort(), [...IDS].sort());
+    for (const r of details.filter((d) => d.error === null)) {
+      t.equal((r.responses as string[]).length, 2);
+      t.same(r.correct, (r.predictions as (string | null)[]).map((p) => p === r.answer));
+    }
+    t.match(JSON.parse(readFileSync(path.join(dir, 'summary.json'), 'utf8')), { items: 5, scored: 3, errors: 2, answerer: 'caprl', captioner: null });
+    const served = server.engine.stats().promptTokensTotal;
+    t.ok(served > 0, `the server answered (${served} prompt tokens)`);
   });
 
   t.test('usage errors', async (t) => {

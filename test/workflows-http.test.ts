@@ -196,3 +196,24 @@ t.test('workflow routes', async (t) => {
     t.match(huge.body, { error: { message: /at most 65536/ } });
   });
 });
+
+t.test('--api-key covers the workflow routes, /get_reward included', async (t) => {
+  const s = await startTestServer({ engine: { maxSeqs: 2, maxModelLen: 2048 }, server: { apiKeys: ['sekret'] } });
+  t.teardown(() => s.close());
+  const body = JSON.stringify({ prompts: [['A cat.', [['Is there a cat?\nA) yes\nB) no', 'A']]]], temperature: 0, max_tokens: 2 });
+  const post = (path: string, key?: string) => fetch(`${s.url}${path}`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...(key ? { authorization: `Bearer ${key}` } : {}) },
+    body,
+  });
+  for (const path of ['/get_reward', '/v1/rewards/caprl', '/v1/captions']) {
+    const r = await post(path);
+    t.equal(r.status, 401, `${path} without the key`);
+    t.match(await r.json(), { error: { code: 'invalid_api_key' } });
+    t.equal((await post(path, 'wrong')).status, 401, `${path} with a wrong key`);
+  }
+  const ok = await post('/get_reward', 'sekret');
+  t.equal(ok.status, 200);
+  t.equal(((await ok.json()) as { rewards: number[] }).rewards.length, 1);
+});
+

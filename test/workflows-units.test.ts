@@ -241,6 +241,21 @@ t.test('loading images: formats and errors become RecordErrors', async (t) => {
   await rejectsWith(t, loadImage(text), (e: unknown) => e instanceof RecordError && e.code === 'unsupported_image_format', 'not an image');
   await rejectsWith(t, loadImage(path.join(tmp, 'nope.png')), (e: unknown) => e instanceof RecordError && e.code === 'local_media_not_found', 'missing');
   await rejectsWith(t, loadImage(good, { maxBytes: 10 }), (e: unknown) => e instanceof RecordError && e.code === 'image_too_large', 'too large');
+  // http(s) images (a JSONL of URLs) go through the server's fetcher.
+  const server = createServer((req, res) => {
+    if (req.url === '/a.png') {
+      res.writeHead(200, { 'content-type': 'image/png' });
+      res.end(png);
+    } else {
+      res.writeHead(404);
+      res.end();
+    }
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  t.teardown(() => server.close());
+  const base = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+  t.same((await loadImage(`${base}/a.png`)).bytes, png);
+  await rejectsWith(t, loadImage(`${base}/missing.png`), (e: unknown) => e instanceof RecordError && e.code === 'image_fetch_failed' && /HTTP 404/.test(e.message), 'a 404');
 });
 
 const CAPRL_Q = 'What color is the dog?\n   - A) Brown\n   - B) White\n   - C) Black\n   - D) Gray';

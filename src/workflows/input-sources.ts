@@ -191,15 +191,17 @@ export const DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024;
 
 /**
  * Reads an image (a local path, an http(s) URL or a data URI) with the server's image loader
- * (src/images/image-source.ts: redirects, timeout, size cap, format sniffing); a local path may
- * be anywhere (the operator named it). Throws RecordError.
+ * (src/images/image-source.ts: redirects, timeout, size cap, format sniffing). Throws RecordError.
  */
 export async function loadImage(location: string, opts: LoadImageOptions = {}): Promise<{ bytes: Buffer; format: ImageFormat }> {
   const url = isUrlLike(location) ? location : pathToFileURL(location).href;
   let bytes: Buffer;
   try {
     bytes = await loadImageBytes(url, {
+      // The operator named these images: local paths anywhere, and URLs on private networks
+      // (dataset servers), unlike a public server's image_url.
       allowedLocalMediaPath: path.parse(path.resolve(location)).root,
+      allowPrivateImageUrls: true,
       maxBytes: opts.maxBytes ?? DEFAULT_MAX_IMAGE_BYTES,
       fetchTimeoutMs: opts.timeoutMs ?? 60_000,
     }, opts.signal);

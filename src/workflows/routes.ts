@@ -7,11 +7,12 @@
 //                          [[question, answer], ...]], ...]} -> {"rewards": [...]}).
 // Uploads are streamed through @fastify/multipart (registered in this plugin's scope only, so
 // the other routes still take JSON alone) with limits on file size, file count and fields.
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import multipart from '@fastify/multipart';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine } from '../engine/engine.js';
 import type { EngineImage } from '../engine/native-types.js';
+import { checkBearer, unauthorized } from '../entrypoints/openai/auth.js';
 import { prepareImages } from '../entrypoints/openai/chat.js';
 import { ApiError, badRequest, internalError, serviceUnavailable } from '../entrypoints/openai/errors.js';
 import { SeedSource, addUsage } from '../entrypoints/openai/generation.js';
@@ -52,6 +53,8 @@ export interface WorkflowRouteOptions {
   seed?: number;
   isAccepting: () => boolean;
   uploadLimits?: UploadLimits;
+  /** --api-key: /v1/* is checked by the app; /get_reward (outside /v1) is checked here. */
+  apiKeys?: readonly string[];
 }
 
 /** Multipart fields that are numbers or booleans in a JSON request. */
@@ -297,7 +300,14 @@ export function registerWorkflowRoutes(app: FastifyInstance, opts: WorkflowRoute
     });
   };
   app.post('/v1/rewards/caprl', rewardsHandler('caprl'));
-  app.post('/get_reward', rewardsHandler('get_reward'));
+  // It generates like /v1/*, so it takes the same key when there is one.
+  const keys = (opts.apiKeys ?? []).filter((k) => k !== '').map((k) => createHash('sha256').update(k, 'utf8').digest());
+  app.post('/get_reward', {
+    onRequest: async (request, reply) => {
+      if (keys.length === 0 || checkBearer(request.headers.authorization, keys)) return;
+      await reply.code(401).header('www-authenticate', 'Bearer').type('application/json').send(unauthorized().toJSON());
+    },
+  }, rewardsHandler('get_reward'));
 }
 
 interface ParsedReward {

@@ -148,6 +148,7 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
     seed: opts.seed,
     isAccepting: () => accepting,
     uploadLimits: opts.uploadLimits,
+    apiKeys: opts.apiKeys,
   });
 
   app.get('/v1/models', async (): Promise<ModelList> => ({
