@@ -2,11 +2,10 @@
 //   caption [########------------]  412/1000  41.2%  5.3 img/s  ETA 1m51s  2 errors
 // elsewhere (logs), a plain line every `intervalMs` and one at the end.
 
-export interface ProgressSink {
-  write(s: string): unknown;
-  isTTY?: boolean;
-  columns?: number;
-}
+import type { ProgressStream } from '../hub/progress.js';
+
+/** stderr, or anything with write (and isTTY / columns when it is a terminal). */
+export type ProgressSink = ProgressStream;
 
 export interface RunProgressOptions {
   label: string;

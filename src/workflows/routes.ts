@@ -48,7 +48,6 @@ export interface WorkflowRouteOptions {
   maxModelLen: number;
   imageOptions: PrepareOptions;
   imageSource?: ImageSourceOptions;
-  limitImagesPerPrompt?: number;
   maxNumSeqs?: number;
   seed?: number;
   isAccepting: () => boolean;
