@@ -21,7 +21,7 @@ interface ErrorBody {
 t.test('workflow routes', async (t) => {
   const s: TestServer = await startTestServer({
     engine: { maxSeqs: 4, maxModelLen: 2048 },
-    server: { uploadLimits: { fileSize: FILE_LIMIT, files: 3 } },
+    server: { uploadLimits: { fileSize: FILE_LIMIT, files: 3, totalSize: 2 * FILE_LIMIT } },
   });
   t.teardown(() => s.close());
   const a = await png(1);
@@ -91,6 +91,7 @@ t.test('workflow routes', async (t) => {
       ['broken PNG', () => upload([['file', a], ['file', Buffer.concat([a.subarray(0, 40), Buffer.alloc(100)])]]), 400, { param: 'file[1]', code: 'image_decode_failed' }],
       ['too large', () => upload([['file', Buffer.concat([a, Buffer.alloc(FILE_LIMIT)])]]), 413, { code: 'file_too_large' }],
       ['too many files', () => upload([['file', a], ['file', a], ['file', a], ['file', a]]), 413, { code: 'too_many_files' }],
+      ['too many bytes', () => upload([['file', Buffer.concat([a, Buffer.alloc(FILE_LIMIT - a.length - 10)])], ['file', Buffer.concat([a, Buffer.alloc(FILE_LIMIT - a.length - 10)])], ['file', a]]), 413, { code: 'request_too_large' }],
       ['prompt with the media marker', () => upload([['file', a]], { prompt: `x ${s.engine.info.mediaMarker}` }), 400, { param: 'prompt' }],
       ['context exceeded', () => upload([['file', a]], { max_tokens: '5000' }), 400, { code: 'context_length_exceeded' }],
     ];

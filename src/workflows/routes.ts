@@ -36,9 +36,11 @@ export interface UploadLimits {
   fields?: number;
   /** Largest non-file field value, bytes (default 64 KiB). */
   fieldSize?: number;
+  /** Most bytes of files in one request (default 64 MiB, the JSON body limit). */
+  totalSize?: number;
 }
 
-export const DEFAULT_UPLOAD_LIMITS: Required<UploadLimits> = { fileSize: 32 * 1024 * 1024, files: 16, fields: 64, fieldSize: 64 * 1024 };
+export const DEFAULT_UPLOAD_LIMITS: Required<UploadLimits> = { fileSize: 32 * 1024 * 1024, files: 16, fields: 64, fieldSize: 64 * 1024, totalSize: 64 * 1024 * 1024 };
 /** Most answers one reward request may ask for. */
 export const MAX_REWARD_ASKS = 65536;
 
@@ -102,10 +104,15 @@ function uploadError(err: unknown, limits: Required<UploadLimits>): ApiError | n
 async function readMultipart(request: FastifyRequest, limits: Required<UploadLimits>): Promise<{ fields: Record<string, unknown>; uploads: Upload[] }> {
   const fields: Record<string, unknown> = {};
   const uploads: Upload[] = [];
+  let total = 0;
   try {
     for await (const part of request.parts({ limits: { fileSize: limits.fileSize, files: limits.files, fields: limits.fields, fieldSize: limits.fieldSize, parts: limits.files + limits.fields } })) {
       if (part.type === 'file') {
         const bytes = await part.toBuffer();
+        total += bytes.length;
+        if (total > limits.totalSize) {
+          throw new ApiError(413, `The uploaded files are larger than the ${limits.totalSize} byte limit per request`, 'invalid_request_error', 'file', 'request_too_large');
+        }
         uploads.push({ bytes, filename: part.filename, param: `${part.fieldname}[${uploads.length}]` });
         continue;
       }
