@@ -237,7 +237,7 @@ t.test('caprl caption (the command)', async (t) => {
   const missing = await run(['caption', path.join(tmp, 'nothing'), '-o', out, '--model', model]);
   t.equal(missing.code, 2);
   t.match(missing.stderr, /input not found/);
-  const down = await run(['caption', images, '-o', path.join(tmp, 'down.jsonl'), '--endpoint', 'http://127.0.0.1:9', '--no-progress']);
+  const down = await run(['caption', images, '-o', path.join(tmp, 'down.jsonl'), '--endpoint', 'http://127.0.0.1:9', '--retries', '1', '--no-progress']);
   t.equal(down.code, 1, 'no server: exit 1');
   t.match(down.stderr, /no server answered/);
 });

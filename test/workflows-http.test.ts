@@ -149,11 +149,10 @@ t.test('workflow routes', async (t) => {
     }
     const again = await reward(body);
     t.same(again.body.data, r.body.data, 'the same seed gives the same answers and rewards');
-    const other = await reward({ ...body, seed: 8 });
-    t.not(JSON.stringify((other.body.data as { details: unknown }[]).map((d) => d.details)), JSON.stringify(data.map((d) => d.details)), 'another seed, other shuffles');
-    const shared = await reward({ captions: ['one', 'two', 'three'], questions: [Q1], questions_per_caption: 3 });
+    // (Other seeds give other shuffles: planAsks, unit-tested.)
+    const shared = await reward({ captions: ['one', 'two'], questions: [Q1, Q2], questions_per_caption: 2, max_tokens: 2 });
     t.equal(shared.status, 200);
-    t.same((shared.body.data as { total: number }[]).map((d) => d.total), [3, 3, 3], 'questions_per_caption draws');
+    t.same((shared.body.data as { total: number }[]).map((d) => d.total), [2, 2], 'questions_per_caption draws');
     t.notOk('details' in (shared.body.data as object[])[0]!);
   });
 
@@ -168,7 +167,7 @@ t.test('workflow routes', async (t) => {
     t.ok(rewards.every((x) => x >= 0 && x <= 1));
     t.ok([0, 0.5, 1].includes(rewards[0]!) && [0, 1].includes(rewards[1]!), 'fractions of 2 and 1 answers');
     t.same((await reward(body, '/get_reward')).body, r.body, 'deterministic under the seed');
-    const drawn = await reward({ ...body, qa_num: 4 }, '/get_reward');
+    const drawn = await reward({ prompts: [body.prompts[1]], qa_num: 4, max_tokens: 2 }, '/get_reward');
     t.ok((drawn.body.rewards as number[]).every((x) => [0, 0.25, 0.5, 0.75, 1].includes(x)), 'qa_num=4: quarters');
   });
 

@@ -4,7 +4,7 @@ import type { Engine } from '../engine/engine.js';
 import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec } from '../entrypoints/cli-args.js';
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult } from './caption.js';
 import {
-  engineFlags, int, openEngineFromFlags, positiveInt, samplingFlags, settingsFromFlags, shardFromFlags, stopSignals, str, strings,
+  RETRIES_FLAG, endpointOptions, engineFlags, int, openEngineFromFlags, positiveInt, samplingFlags, settingsFromFlags, shardFromFlags, stopSignals, str, strings,
 } from './cli-common.js';
 import { EndpointError, EndpointPool } from './endpoints.js';
 import { InputError, openInputSource } from './input-sources.js';
@@ -23,6 +23,7 @@ export const CAPTION_SPEC: CommandSpec = {
     { name: 'output', aliases: ['o'], type: 'string', dest: 'output', metavar: 'OUT.jsonl', help: 'output JSONL (appended to; required)' },
     { name: 'endpoint', type: 'strings', dest: 'endpoint', metavar: 'URL', help: 'caption through these running OpenAI-compatible servers instead of loading a model (requests spread across them)' },
     { name: 'api-key', type: 'string', dest: 'apiKey', help: 'bearer token for --endpoint servers (default: $OPENAI_API_KEY)' },
+    RETRIES_FLAG,
     { name: 'prompt', type: 'string', dest: 'prompt', help: `prompt for records without one (default: "${DEFAULT_CAPTION_PROMPT}")` },
     ...samplingFlags(CAPTION_DEFAULTS),
     { name: 'seed', type: 'int', dest: 'seed', help: 'run seed: each record samples with a seed derived from it and the record id (reproducible across reruns, shards and concurrency; default: random)' },
@@ -82,7 +83,7 @@ export async function runCaptionCommand(argv: readonly string[]): Promise<number
   let captioner: Captioner;
   if (endpoints) {
     const served = strings(v, 'servedModelName')?.[0];
-    const pool = new EndpointPool(endpoints, { apiKey: str(v, 'apiKey') ?? process.env.OPENAI_API_KEY });
+    const pool = new EndpointPool(endpoints, endpointOptions(v));
     captioner = new EndpointCaptioner(pool, served ?? endpoints[0]!, served);
   } else {
     if (!str(v, 'model')) throw new CliUsageError('a model is required: --model MODEL.gguf --mmproj MMPROJ.gguf (or --endpoint URL)');

@@ -8,6 +8,7 @@ import { ApiError } from '../entrypoints/openai/errors.js';
 import { SERVE_SPEC, engineOptionsFor, serveConfigFromArgs, type ServeConfig } from '../entrypoints/openai/serve.js';
 import { resolveServeModel } from '../hub/model-source.js';
 import { samplingSettings, type SamplingSettings } from './caption.js';
+import type { EndpointPoolOptions } from './endpoints.js';
 import { parseShard, ShardSpecError, type Shard } from './shard.js';
 
 /** `caprl serve` flags that choose and size the engine. */
@@ -84,6 +85,18 @@ export function positiveInt(values: Record<string, ParsedValue>, key: string, fl
   const v = int(values, key);
   if (v !== undefined && v < 1) throw new CliUsageError(`argument --${flag}: must be at least 1, got ${v}`);
   return v;
+}
+
+export const RETRIES_FLAG: FlagSpec = {
+  name: 'retries', type: 'int', dest: 'retries',
+  help: 'attempts after the first for a request a server could not answer (connection, timeout, 5xx), on the other servers when there are; then the run stops (default: 4)',
+};
+
+/** --api-key / $OPENAI_API_KEY and --retries for an EndpointPool. */
+export function endpointOptions(values: Record<string, ParsedValue>): EndpointPoolOptions {
+  const retries = int(values, 'retries');
+  if (retries !== undefined && retries < 0) throw new CliUsageError(`argument --retries: must be non-negative, got ${retries}`);
+  return { apiKey: str(values, 'apiKey') ?? process.env.OPENAI_API_KEY, retries };
 }
 
 export function shardFromFlags(values: Record<string, ParsedValue>): Shard | undefined {

@@ -15,7 +15,7 @@ import { ANSWER_DEFAULTS, ENDPOINT_ANSWER_MAX_TOKENS, EndpointAnswerer, EngineAn
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult, type SamplingSettings } from './caption.js';
 import { summaryLine } from './caption-cli.js';
 import {
-  engineFlags, int, openEngineFromFlags, positiveInt, samplingFlags, settingsFromFlags, stopSignals, str, strings,
+  RETRIES_FLAG, endpointOptions, engineFlags, int, openEngineFromFlags, positiveInt, samplingFlags, settingsFromFlags, stopSignals, str, strings,
 } from './cli-common.js';
 import { EndpointError, EndpointPool } from './endpoints.js';
 import { errorMessage } from './errors.js';
@@ -228,6 +228,7 @@ export const EVAL_SPEC: CommandSpec = {
     { name: 'stage', type: 'string', dest: 'stage', choices: ['all', 'caption', 'answer'], help: 'run both stages (all, default), only the captions, or only the answers' },
     { name: 'endpoint', type: 'strings', dest: 'endpoint', metavar: 'URL', help: 'caption through these running servers instead of --model/--mmproj' },
     { name: 'api-key', type: 'string', dest: 'apiKey', help: 'bearer token for --endpoint / --answerer-endpoint (default: $OPENAI_API_KEY)' },
+    RETRIES_FLAG,
     { name: 'n', type: 'int', dest: 'n', help: `captions per image (default: ${EVAL_CAPTION_DEFAULTS.n})` },
     { name: 'prompt', type: 'string', dest: 'prompt', help: `captioning prompt (default: "${DEFAULT_CAPTION_PROMPT}")` },
     ...samplingFlags(EVAL_CAPTION_DEFAULTS),
@@ -263,7 +264,7 @@ async function openAnswerer(v: Record<string, ParsedValue>): Promise<{ answerer:
   const input = { temperature: v.answererTemperature as number | undefined, topP: v.answererTopP as number | undefined, maxTokens: int(v, 'answererMaxTokens') };
   if (endpoints) {
     const settings = asUsage(() => answerSettings(input, ENDPOINT_ANSWER_MAX_TOKENS));
-    const pool = new EndpointPool(endpoints, { apiKey: str(v, 'apiKey') ?? process.env.OPENAI_API_KEY });
+    const pool = new EndpointPool(endpoints, endpointOptions(v));
     const name = str(v, 'answererName');
     return { answerer: new EndpointAnswerer(pool, name ?? endpoints[0]!, settings, name) };
   }
@@ -330,7 +331,7 @@ export async function runEvalCommand(argv: readonly string[]): Promise<number> {
       let concurrency = positiveInt(v, 'concurrency', 'concurrency');
       if (endpoints) {
         const served = strings(v, 'servedModelName')?.[0];
-        captioner = new EndpointCaptioner(new EndpointPool(endpoints, { apiKey: str(v, 'apiKey') ?? process.env.OPENAI_API_KEY }), served ?? endpoints[0]!, served);
+        captioner = new EndpointCaptioner(new EndpointPool(endpoints, endpointOptions(v)), served ?? endpoints[0]!, served);
       } else {
         const opened = await openEngineFromFlags(v);
         engine = opened.engine;
