@@ -69,10 +69,11 @@ t.test("CapRL's README, unchanged, against caprl serve with vllm serve's flags",
   const s = await serve([model, '--mmproj', mmproj,
     '--trust-remote-code', '--tensor-parallel-size=1', '--pipeline-parallel-size=1', '--gpu_memory_utilization=0.95',
     '--served-model-name=caprl', '--port', String(port), '--host', '127.0.0.1',
-    // keeps the CPU test quick; not a vLLM flag
-    '--max-model-len', '2048', '--threads', '2',
-    // the image server below is on loopback, refused by default (url-guard.ts)
-    '--allow-private-image-urls']);
+    // a vLLM flag too: keeps the CPU test quick
+    '--max-model-len', '2048'],
+    // the image server below is on loopback, refused by default (url-guard.ts): allowed through the
+    // environment, so the command line stays vLLM's own
+    { CAPRL_ALLOW_PRIVATE_IMAGE_URLS: '1' });
   t.teardown(() => {
     if (s.child.exitCode === null) s.child.kill('SIGKILL');
   });

@@ -40,7 +40,7 @@ export const ADMISSION_FLAGS: FlagSpec[] = [
   },
   {
     name: 'allow-private-image-urls', type: 'bool', dest: 'allowPrivateImageUrls',
-    help: 'let image URLs reach loopback, private, link-local and reserved addresses (default: only public ones)',
+    help: 'let image URLs reach loopback, private, link-local and reserved addresses (default: only public ones; also CAPRL_ALLOW_PRIVATE_IMAGE_URLS=1)',
   },
 ];
 
@@ -54,8 +54,12 @@ export interface AdmissionConfig {
   allowPrivateImageUrls: boolean;
 }
 
-/** The admission flags -> settings; throws CliUsageError for values a user must fix. */
-export function admissionConfigFromArgs(values: Record<string, ParsedValue>): AdmissionConfig {
+/**
+ * The admission flags -> settings; throws CliUsageError for values a user must fix.
+ * CAPRL_ALLOW_PRIVATE_IMAGE_URLS=1 in the environment does what --allow-private-image-urls does, so a
+ * deployment whose images live on internal hosts can keep `vllm serve`'s command line unchanged.
+ */
+export function admissionConfigFromArgs(values: Record<string, ParsedValue>, env: NodeJS.ProcessEnv = process.env): AdmissionConfig {
   const num = (key: string): number | undefined => (typeof values[key] === 'number' ? (values[key] as number) : undefined);
   const maxWaitingRequests = num('maxWaitingRequests') ?? ADMISSION_DEFAULTS.maxWaitingRequests;
   if (maxWaitingRequests < 0) throw new CliUsageError(`argument --max-waiting-requests: must be non-negative, got ${maxWaitingRequests}`);
@@ -68,7 +72,7 @@ export function admissionConfigFromArgs(values: Record<string, ParsedValue>): Ad
     maxWaitingRequests,
     requestTimeoutMs: seconds('requestTimeout', 'request-timeout', ADMISSION_DEFAULTS.requestTimeout),
     shutdownTimeoutMs: seconds('shutdownTimeout', 'shutdown-timeout', ADMISSION_DEFAULTS.shutdownTimeout),
-    allowPrivateImageUrls: values.allowPrivateImageUrls === true,
+    allowPrivateImageUrls: values.allowPrivateImageUrls === true || env.CAPRL_ALLOW_PRIVATE_IMAGE_URLS === '1',
   };
 }
 
