@@ -61,7 +61,7 @@ const settings = samplingSettings({ max_tokens: 4, temperature: 1.0, top_p: 1.0 
 
 t.test('in-process captioning', async (t) => {
   const { model, mmproj } = await tinyModel();
-  const engine = new Engine({ model, mmproj, nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 2, logLevel: 'error' });
+  const engine = new Engine({ model, mmproj, nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
   t.teardown(() => engine.close());
   const captioner = new EngineCaptioner(engine, 'tiny', { maxModelLen: 1024, maxSeqs: 4 });
   const source = await openInputSource(images);
@@ -174,9 +174,9 @@ t.test('in-process captioning', async (t) => {
 });
 
 t.test('--endpoint: two running servers share the work', async (t) => {
-  const a = await startTestServer({ engine: { maxSeqs: 4, maxModelLen: 1024 } });
+  const a = await startTestServer({ engine: { nThreads: 1, maxSeqs: 4, maxModelLen: 1024 } });
   t.teardown(() => a.close());
-  const b = await startTestServer({ engine: { maxSeqs: 4, maxModelLen: 1024 } });
+  const b = await startTestServer({ engine: { nThreads: 1, maxSeqs: 4, maxModelLen: 1024 } });
   t.teardown(() => b.close());
   const pool = new EndpointPool([a.baseURL, b.url], { backoffMs: 10 });
   const captioner = new EndpointCaptioner(pool, 'caprl', 'caprl');
@@ -212,7 +212,7 @@ t.test('caprl caption (the command)', async (t) => {
   const out = path.join(tmp, 'cli.jsonl');
   const common = [
     'caption', images, '-o', out, '--model', model, '--mmproj', mmproj, '--max-tokens', '4', '--seed', '1',
-    '--kv-cache-tokens', '4096', '--max-model-len', '1024', '--max-num-seqs', '4', '--threads', '2',
+    '--kv-cache-tokens', '4096', '--max-model-len', '1024', '--max-num-seqs', '4', '--threads', '1',
   ];
   const first = await run([...common, '--limit', '2']);
   t.equal(first.code, 0, first.stderr);

@@ -48,7 +48,7 @@ t.test('caprl eval', async (t) => {
   const flags = (out: string, ...more: string[]) => [
     '-i', data, '-o', out, '--model', model, '--mmproj', mmproj, '--answerer-model', model,
     '--n', '2', '--max-tokens', '4', '--seed', '3', '--kv-cache-tokens', '4096', '--max-model-len', '2048',
-    '--max-num-seqs', '4', '--threads', '2', '--no-progress', ...more,
+    '--max-num-seqs', '4', '--threads', '1', '--no-progress', ...more,
   ];
 
   const out = path.join(tmp, 'run1');
@@ -122,7 +122,7 @@ t.test('caprl eval', async (t) => {
   });
 
   t.test('an answerer behind a server (--answerer-endpoint), stage 2 alone', async (t) => {
-    const server = await startTestServer({ textOnly: true, engine: { maxSeqs: 4, maxModelLen: 2048 } });
+    const server = await startTestServer({ textOnly: true, engine: { nThreads: 1, maxSeqs: 4, maxModelLen: 2048 } });
     t.teardown(() => server.close());
     const dir = path.join(tmp, 'endpoint-answers');
     mkdirSync(dir);

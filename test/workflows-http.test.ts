@@ -20,7 +20,7 @@ interface ErrorBody {
 
 t.test('workflow routes', async (t) => {
   const s: TestServer = await startTestServer({
-    engine: { maxSeqs: 4, maxModelLen: 2048 },
+    engine: { nThreads: 1, maxSeqs: 4, maxModelLen: 2048 },
     server: { uploadLimits: { fileSize: FILE_LIMIT, files: 3, totalSize: 2 * FILE_LIMIT } },
   });
   t.teardown(() => s.close());
@@ -198,7 +198,7 @@ t.test('workflow routes', async (t) => {
 });
 
 t.test('--api-key covers the workflow routes, /get_reward included', async (t) => {
-  const s = await startTestServer({ engine: { maxSeqs: 2, maxModelLen: 2048 }, server: { apiKeys: ['sekret'] } });
+  const s = await startTestServer({ engine: { nThreads: 1, maxSeqs: 2, maxModelLen: 2048 }, server: { apiKeys: ['sekret'] } });
   t.teardown(() => s.close());
   const body = JSON.stringify({ prompts: [['A cat.', [['Is there a cat?\nA) yes\nB) no', 'A']]]], temperature: 0, max_tokens: 2 });
   const post = (path: string, key?: string) => fetch(`${s.url}${path}`, {

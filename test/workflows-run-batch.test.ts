@@ -33,7 +33,7 @@ const chat = (extra: Record<string, unknown>) => ({ model: 'caprl', max_tokens: 
 
 t.test('run-batch', async (t) => {
   const { model, mmproj } = await tinyModel();
-  const engine = new Engine({ model, mmproj, nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 2, logLevel: 'error' });
+  const engine = new Engine({ model, mmproj, nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
   const app = buildServer({ engine, servedModelNames: ['caprl'], modelPath: model, maxModelLen: 1024 });
   await app.ready();
   t.teardown(async () => {
@@ -124,7 +124,7 @@ t.test('caprl run-batch (the command)', async (t) => {
   const res = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
     const child = spawn(process.execPath, [
       bin, 'run-batch', '-i', input, '-o', output, '--model', model, '--served-model-name', 'tiny',
-      '--kv-cache-tokens', '2048', '--max-model-len', '512', '--max-num-seqs', '2', '--threads', '2', '--no-progress',
+      '--kv-cache-tokens', '2048', '--max-model-len', '512', '--max-num-seqs', '2', '--threads', '1', '--no-progress',
     ], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     child.stderr.on('data', (c) => (stderr += c));
