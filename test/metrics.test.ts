@@ -57,6 +57,8 @@ t.test('metrics on the tiny model', async (t) => {
       ['caprl:request_preprocessing_seconds', 'histogram'],
       ['caprl:engine_steps_total', 'counter'],
       ['caprl:engine_step_sequences_total', 'counter'],
+      ['caprl:image_cache_hits_total', 'counter'],
+      ['caprl:image_cache_misses_total', 'counter'],
       ['caprl:requests_rejected_total', 'counter'],
       ['caprl:request_timeouts_total', 'counter'],
       ['http_requests_total', 'counter'],
@@ -126,6 +128,7 @@ t.test('metrics on the tiny model', async (t) => {
     t.equal(d('vllm:request_params_max_tokens_sum'), (N + 1) * MAX);
     t.equal(d('vllm:request_params_n_count'), N + 1);
     t.equal(d('caprl:images_received_total'), N / 2);
+    t.equal(d('caprl:image_cache_hits_total') + d('caprl:image_cache_misses_total'), N / 2, 'every image is an embedding-cache hit or a miss');
     t.equal(d('caprl:request_preprocessing_seconds_count'), N + 1);
     t.ok(d('caprl:engine_steps_total') >= MAX, 'engine steps advanced');
     t.ok(d('caprl:engine_step_sequences_total') >= completion - (N + 1), 'decoded sequences advanced');

@@ -176,6 +176,8 @@ export class ServerMetrics {
       'Sequences that decoded a token, summed over engine steps (rate() of this over rate() of caprl:engine_steps_total = mean sequences per step).',
       (s) => s.decodedSeqsTotal,
     );
+    engineCounter('caprl:image_cache_hits_total', 'Images whose embeddings came from the image-embedding cache (same pixels and size as an earlier image).', (s) => s.imageCacheHits);
+    engineCounter('caprl:image_cache_misses_total', 'Images the vision encoder had to encode (not in the image-embedding cache).', (s) => s.imageCacheMisses);
     gauge('caprl:engine_last_step_sequences', 'Sequences that decoded a token in the last engine step.', (s) => s.lastBatchSeqs);
     gauge('caprl:engine_max_step_sequences', 'Most sequences decoded together in one engine step since start.', (s) => s.maxBatchSeqs);
     gauge('caprl:kv_cache_used_tokens', 'KV cache cells (tokens) held by running sequences.', (s) => s.kvUsedCells);
