@@ -1,6 +1,7 @@
 // The native engine on the tiny model, in-process: continuous batching must not change any
 // request's greedy tokens, cancellation frees KV cells, and each sampling control does its job.
 import t from 'tap';
+import { getEventListeners } from 'node:events';
 import { Engine, type EngineEvent, type SamplingParams } from '../src/engine/engine.js';
 import { tinyModel } from './helpers/models.js';
 
@@ -96,6 +97,15 @@ t.test('engine on the tiny model', async (t) => {
     const s = engine.stats();
     t.equal(s.kvUsedCells, 0);
     t.equal(s.running, 0);
+  });
+
+  t.test('a long-lived abort signal does not keep finished generations', async (t) => {
+    const ac = new AbortController();
+    const listeners = () => getEventListeners(ac.signal, 'abort').length;
+    for (let i = 0; i < 12; i++) {
+      for await (const ev of engine.generate({ prompt: prompts[7], images: [], sampling: greedy({ maxTokens: 2 }) }, ac.signal)) void ev;
+    }
+    t.equal(listeners(), 0, 'no abort listener left on the signal');
   });
 
   t.test('max_tokens, stop strings, stop token ids, min_tokens', async (t) => {

@@ -5,13 +5,14 @@
 // and the flags refused with a clear message.
 import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
+import { writeTinyHfFolder } from './helpers/hf-folders.js';
 import { startImageServer } from './helpers/image-server.js';
 import { tinyModel } from './helpers/models.js';
 import { pngDataUri } from './helpers/server.js';
@@ -64,16 +65,18 @@ function run(args: string[]): Promise<{ code: number | null; out: string; err: s
 }
 
 t.test("CapRL's README, unchanged, against caprl serve with vllm serve's flags", async (t) => {
-  const { model, mmproj } = await tinyModel();
+  // The model as CapRL's users have it: a Hugging Face folder (tiny weights), converted on start.
+  const work = mkdtempSync(path.join(os.tmpdir(), 'caprl-vllm-cli-'));
+  t.teardown(() => rmSync(work, { recursive: true, force: true }));
+  const folder = await writeTinyHfFolder(path.join(work, 'CapRL-tiny'));
   const port = await freePort();
-  const s = await serve([model, '--mmproj', mmproj,
+  // Exactly CapRL's `vllm serve` line, with caprl in front (host: loopback, for a test).
+  const s = await serve([folder,
     '--trust-remote-code', '--tensor-parallel-size=1', '--pipeline-parallel-size=1', '--gpu_memory_utilization=0.95',
-    '--served-model-name=caprl', '--port', String(port), '--host', '127.0.0.1',
-    // a vLLM flag too: keeps the CPU test quick
-    '--max-model-len', '2048'],
-    // the image server below is on loopback, refused by default (url-guard.ts): allowed through the
-    // environment, so the command line stays vLLM's own
-    { CAPRL_ALLOW_PRIVATE_IMAGE_URLS: '1' });
+    '--served-model-name=caprl', '--port', String(port), '--host', '127.0.0.1'],
+    // The converted model's cache, and the image server below is on loopback, refused by default
+    // (url-guard.ts): both set through the environment, so the command line stays vLLM's own.
+    { CAPRL_CACHE: path.join(work, 'cache'), CAPRL_ALLOW_PRIVATE_IMAGE_URLS: '1' });
   t.teardown(() => {
     if (s.child.exitCode === null) s.child.kill('SIGKILL');
   });

@@ -29,10 +29,21 @@ export class Generation implements AsyncIterable<EngineEvent> {
     this.unfinished = n;
   }
 
+  private doneCallbacks: (() => void)[] = [];
+
+  /** Runs `fn` once every choice has finished. */
+  onDone(fn: () => void): void {
+    if (this.done) fn();
+    else this.doneCallbacks.push(fn);
+  }
+
   /** Called by Engine when events for this request arrive. */
   push(ev: EngineEvent): void {
     this.queue.push(ev);
-    if (ev.finish && --this.unfinished === 0) this.done = true;
+    if (ev.finish && --this.unfinished === 0) {
+      this.done = true;
+      for (const fn of this.doneCallbacks.splice(0)) fn();
+    }
     const w = this.wake;
     this.wake = null;
     w?.();
@@ -93,7 +104,12 @@ export class Engine {
     this.native.submit({ id, n, prompt: input.prompt, images: input.images, sampling: input.sampling });
     if (signal) {
       if (signal.aborted) gen.cancel();
-      else signal.addEventListener('abort', () => gen.cancel(), { once: true });
+      else {
+        // The listener goes when the generation ends, so a long-lived signal does not keep it alive.
+        const onAbort = () => gen.cancel();
+        signal.addEventListener('abort', onAbort, { once: true });
+        gen.onDone(() => signal.removeEventListener('abort', onAbort));
+      }
     }
     return gen;
   }

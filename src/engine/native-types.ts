@@ -16,9 +16,9 @@ export interface EngineOptions {
   maxSeqs: number;
   /** Most tokens in one llama_decode batch (prefill chunks + decode tokens). */
   nBatch: number;
-  /** CPU threads for decode; 0 = llama.cpp's default. */
+  /** CPU threads for decode; 0 = the cores left after the vision worker's. */
   nThreads?: number;
-  /** CPU threads of the vision worker (image encoding beside decoding); 0 = half of nThreads. */
+  /** CPU threads of the vision worker (image encoding beside decoding); 0 = a quarter of the threads, at least 1. */
   nVisionThreads?: number;
   /** Layers to offload to the GPU; -1 = all. Ignored on CPU builds. */
   nGpuLayers?: number;
