@@ -52,7 +52,7 @@ const withImage = (url: string, extra: Record<string, unknown> = {}) => chat({
 
 t.test('bad input on the tiny model', async (t) => {
   const s = await startTestServer({
-    engine: { maxModelLen: 1024 },
+    engine: { nThreads: 1, maxModelLen: 1024 },
     server: { bodyLimit: 2 * 1024 * 1024, limitImagesPerPrompt: 8, maxNumSeqs: 8 },
   });
   t.teardown(() => s.close());

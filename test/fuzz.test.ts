@@ -146,7 +146,7 @@ t.test(`fuzz: the image path (seed ${SEED})`, async (t) => {
 t.test(`fuzz: requests against the server (seed ${SEED})`, async (t) => {
   const m = new Mutator(rng(SEED));
   const s = await startTestServer({
-    engine: { maxModelLen: 256, maxSeqs: 4 },
+    engine: { nThreads: 1, maxModelLen: 256, maxSeqs: 4 },
     server: { bodyLimit: 512 * 1024, maxNumSeqs: 4, operations: { maxNumSeqs: 4, maxWaitingRequests: 64 } },
   });
   t.teardown(() => s.close());

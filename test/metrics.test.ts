@@ -24,9 +24,9 @@ t.test('parseProm reads labels with escapes', async (t) => {
 });
 
 t.test('metrics on the tiny model', async (t) => {
-  const s = await startTestServer({ engine: { maxModelLen: 1024 } });
+  const s = await startTestServer({ engine: { nThreads: 1, maxModelLen: 4000 } });
   t.teardown(() => s.close());
-  const other = await startTestServer({ engine: { maxModelLen: 512 }, server: { servedModelNames: ['other'] } });
+  const other = await startTestServer({ engine: { nThreads: 1, maxModelLen: 512 }, server: { servedModelNames: ['other'] } });
   t.teardown(() => other.close());
   // Warm up the engine (the first decode is slow) before anything is timed.
   await s.client.chat.completions.create({ model: 'caprl', messages: [{ role: 'user', content: 'warm up' }], max_tokens: 2 });
@@ -74,7 +74,7 @@ t.test('metrics on the tiny model', async (t) => {
     t.same(m.buckets('vllm:inter_token_latency_seconds'), TPOT_BUCKETS);
     t.same(m.buckets('vllm:time_per_output_token_seconds'), TPOT_BUCKETS);
     t.same(m.buckets('vllm:e2e_request_latency_seconds'), REQUEST_LATENCY_BUCKETS);
-    t.same(m.buckets('vllm:request_prompt_tokens'), build125Buckets(1024), 'token buckets up to max_model_len');
+    t.same(m.buckets('vllm:request_prompt_tokens'), build125Buckets(4000), 'token buckets up to max_model_len');
     t.same(TTFT_BUCKETS.length, 22);
     t.same(TPOT_BUCKETS.length, 19);
     t.same(REQUEST_LATENCY_BUCKETS.length, 21);
@@ -155,7 +155,7 @@ t.test('metrics on the tiny model', async (t) => {
     const ac = new AbortController();
     const res = await fetch(`${s.baseURL}/chat/completions`, {
       method: 'POST', headers: { 'content-type': 'application/json' }, signal: ac.signal,
-      body: JSON.stringify({ model: 'caprl', messages: [{ role: 'user', content: 'Go on.' }], max_tokens: 900, ignore_eos: true, stream: true }),
+      body: JSON.stringify({ model: 'caprl', messages: [{ role: 'user', content: 'Go on.' }], max_tokens: 3900, ignore_eos: true, stream: true }),
     });
     const reader = res.body!.getReader();
     await reader.read(); // the role chunk, sent before the engine starts

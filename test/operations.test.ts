@@ -70,12 +70,12 @@ t.test('request ids: X-Request-Id kept when well-formed, else a UUID', async (t)
 
 t.test('a full server refuses with 429, Retry-After and an OpenAI error, and recovers', async (t) => {
   const s = await startTestServer({
-    engine: { maxModelLen: 1024, maxSeqs: 1 },
+    engine: { nThreads: 1, maxModelLen: 1024, maxSeqs: 1 },
     server: { operations: { maxNumSeqs: 1, maxWaitingRequests: 1, retryAfterSeconds: 2 } },
   });
   t.teardown(() => s.close());
   await warm(s);
-  const rs = await Promise.all(Array.from({ length: 5 }, () => post(s, long(24))));
+  const rs = await Promise.all(Array.from({ length: 5 }, () => post(s, long(400))));
   const statuses = rs.map((r) => r.status).sort();
   t.same(statuses, [200, 200, 429, 429, 429], 'max-num-seqs 1 + max-waiting-requests 1 = 2 in the server');
   for (const r of rs.filter((x) => x.status === 429)) {
@@ -84,7 +84,7 @@ t.test('a full server refuses with 429, Retry-After and an OpenAI error, and rec
     t.match(body, { error: { type: 'rate_limit_error', code: 'queue_full', param: null } });
     t.match(body.error.message, /at capacity.*Retry after 2 s/);
   }
-  for (const r of rs.filter((x) => x.status === 200)) t.equal(((await r.json()) as { usage: { completion_tokens: number } }).usage.completion_tokens, 24);
+  for (const r of rs.filter((x) => x.status === 200)) t.equal(((await r.json()) as { usage: { completion_tokens: number } }).usage.completion_tokens, 400);
   // Places are given back: the next ones get in.
   const again = await Promise.all([post(s, long(4)), post(s, long(4))]);
   t.same(again.map((r) => r.status), [200, 200]);
@@ -97,14 +97,14 @@ t.test('a full server refuses with 429, Retry-After and an OpenAI error, and rec
 
 t.test('clients that leave while waiting or during image preparation free their place at once', async (t) => {
   const s = await startTestServer({
-    engine: { maxModelLen: 1024, maxSeqs: 1 },
+    engine: { nThreads: 1, maxModelLen: 4000, maxSeqs: 1 },
     server: { operations: { maxNumSeqs: 1, maxWaitingRequests: 1 } },
   });
   t.teardown(() => s.close());
   await warm(s);
   // A runs; B waits in the engine's queue; B's client leaves.
   const acA = new AbortController();
-  const a = await post(s, long(900, { stream: true }), { signal: acA.signal });
+  const a = await post(s, long(3900, { stream: true }), { signal: acA.signal });
   const readerA = a.body!.getReader();
   await readerA.read();
   const acB = new AbortController();
@@ -148,19 +148,19 @@ t.test('clients that leave while waiting or during image preparation free their 
 });
 
 t.test('--request-timeout: 504 for a plain request, an error event for a stream, KV cells freed', async (t) => {
-  const s = await startTestServer({ engine: { maxModelLen: 2100 }, server: { operations: { requestTimeoutMs: 600 } } });
+  const s = await startTestServer({ engine: { nThreads: 1, maxModelLen: 4000 }, server: { operations: { requestTimeoutMs: 300 } } });
   t.teardown(() => s.close());
   await warm(s);
   const before = await scrape(s.url);
   const t0 = performance.now();
-  const r = await post(s, long(2000));
+  const r = await post(s, long(3900));
   t.equal(r.status, 504);
   const body = await r.json() as { error: { message: string } };
   t.match(body, { error: { type: 'timeout_error', code: 'request_timeout', param: null } });
-  t.match(body.error.message, /did not finish within 0\.6 s \(--request-timeout\)/);
+  t.match(body.error.message, /did not finish within 0\.3 s \(--request-timeout\)/);
   t.ok(performance.now() - t0 < 5000, 'answered soon after the timeout');
 
-  const st = await post(s, long(2000, { stream: true }));
+  const st = await post(s, long(3900, { stream: true }));
   t.equal(st.status, 200);
   const events = await sse(st);
   t.equal(events[events.length - 1], '[DONE]');
@@ -177,9 +177,9 @@ t.test('--request-timeout: 504 for a plain request, an error event for a stream,
 });
 
 t.test('graceful shutdown: running requests finish, new connections are refused', async (t) => {
-  const s = await startTestServer({ engine: { maxModelLen: 1024 } });
+  const s = await startTestServer({ engine: { nThreads: 1, maxModelLen: 1024 } });
   await warm(s);
-  const res = await post(s, long(150, { stream: true }));
+  const res = await post(s, long(600, { stream: true }));
   const done = sse(res);
   await waitFor(() => s.engine.liveCount === 1, 5000);
   const shutdown = new GracefulShutdown(s.app, s.engine, { graceMs: 60_000 });
@@ -196,10 +196,10 @@ t.test('graceful shutdown: running requests finish, new connections are refused'
 });
 
 t.test('graceful shutdown: past the grace period, running requests are cancelled and answered', async (t) => {
-  const s = await startTestServer({ engine: { maxModelLen: 1100 } });
+  const s = await startTestServer({ engine: { nThreads: 1, maxModelLen: 2100 } });
   await warm(s);
-  const plain = post(s, long(1000));
-  const stream = post(s, long(1000, { stream: true })).then(sse);
+  const plain = post(s, long(2000));
+  const stream = post(s, long(2000, { stream: true })).then(sse);
   await waitFor(() => s.engine.liveCount === 2 && s.engine.stats().running === 2, 5000);
   const t0 = performance.now();
   const result = await new GracefulShutdown(s.app, s.engine, { graceMs: 200 }).run();
@@ -222,7 +222,7 @@ t.test('one log line per request, with its id, never bodies or image bytes', asy
       cb();
     },
   });
-  const s = await startTestServer({ server: { logger: { level: 'info', stream } } });
+  const s = await startTestServer({ engine: { nThreads: 1 }, server: { logger: { level: 'info', stream } } });
   t.teardown(() => s.close());
   const image = await pngDataUri(64, 64);
   const imageBytes = image.slice(40, 100);

@@ -22,7 +22,7 @@ interface Running {
 async function serve(args: string[]): Promise<Running> {
   const { model, mmproj } = await tinyModel();
   const child = spawn(process.execPath, [bin, 'serve', model, '--mmproj', mmproj, '--host', '127.0.0.1', '--port', '0',
-    '--served-model-name', 'caprl', '--threads', '2', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    '--served-model-name', 'caprl', '--threads', '1', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   const output: string[] = [];
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   createInterface({ input: child.stderr! }).on('line', (l) => output.push(l));
@@ -71,14 +71,14 @@ async function openStream(url: string, tokens: number): Promise<{ all: Promise<s
 }
 
 t.test('operations flags reach the server', async (t) => {
-  const s = await serve(['--max-model-len', '1100', '--max-num-seqs', '1', '--max-waiting-requests', '0', '--request-timeout', '0.3']);
+  const s = await serve(['--max-model-len', '4000', '--max-num-seqs', '1', '--max-waiting-requests', '0', '--request-timeout', '0.3']);
   t.teardown(() => { if (s.child.exitCode === null) s.child.kill('SIGKILL'); });
   const m = parseProm(await (await fetch(`${s.url}/metrics`)).text());
   t.ok(m.has('vllm:num_requests_running'));
   t.ok(m.samples.some((x) => x.labels.model_name === 'caprl'), 'model_name is the served name');
   t.ok(m.has('process_resident_memory_bytes'));
   // One place (1 running + 0 waiting): a second concurrent request is refused; the first times out.
-  const [a, b] = await Promise.all([post(s.url, body(1000, false)), post(s.url, body(1000, false))]);
+  const [a, b] = await Promise.all([post(s.url, body(3900, false)), post(s.url, body(3900, false))]);
   t.same([a.status, b.status].sort(), [429, 504]);
   s.child.kill('SIGTERM');
   t.equal(await s.exited, 0);
@@ -97,9 +97,9 @@ t.test('SIGTERM: a running stream finishes within --shutdown-timeout, then exit 
 });
 
 t.test('SIGTERM: past --shutdown-timeout the stream is cancelled with an error event, then exit 0', async (t) => {
-  const s = await serve(['--max-model-len', '2048', '--shutdown-timeout', '0.3']);
+  const s = await serve(['--max-model-len', '4000', '--shutdown-timeout', '0.3']);
   t.teardown(() => { if (s.child.exitCode === null) s.child.kill('SIGKILL'); });
-  const { all } = await openStream(s.url, 2000);
+  const { all } = await openStream(s.url, 3900);
   const t0 = performance.now();
   s.child.kill('SIGTERM');
   const events = await all;

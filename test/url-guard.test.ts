@@ -99,7 +99,7 @@ t.test('fetching: the connection goes only to a checked address, each hop is che
 });
 
 t.test('through the server: a loopback image URL is a 400 naming the flag', async (t) => {
-  const s = await startTestServer();
+  const s = await startTestServer({ engine: { nThreads: 1 } });
   t.teardown(() => s.close());
   const png = Buffer.from((await pngDataUri(32, 32)).split(',')[1]!, 'base64');
   const server = http.createServer((_req, res) => {

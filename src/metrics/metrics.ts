@@ -11,7 +11,8 @@
 //     vllm:request_queue_time_seconds, vllm:request_prefill_time_seconds,
 //     vllm:request_inference_time_seconds (they need the time the engine admitted the request),
 //     a per-step tokens histogram (vllm:iteration_tokens_total) and the vision-encode time
-//     (they need a per-step report from the engine thread), and image-cache hits (there is no cache).
+//     (they need a per-step report from the engine thread).
+//   image-embedding cache hits and misses: Engine.stats() (caprl:image_cache_*).
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { EngineStats, FinishReason } from '../engine/native-types.js';
 
@@ -77,6 +78,8 @@ interface Observer {
 
 export class ServerMetrics {
   readonly registry = new Registry();
+  /** Engine stats of the scrape in progress. */
+  private snapshot: EngineStats | undefined;
   private readonly labels: Labels;
   private readonly ttft: Observer;
   private readonly itl: Observer;
@@ -101,13 +104,8 @@ export class ServerMetrics {
     this.labels = { model_name: opts.modelName, engine: '0' };
     const labelNames = ['model_name', 'engine'];
     const L = this.labels;
-    // One stats() call per scrape, shared by every collector of that scrape.
-    let cached: { at: number; s: EngineStats } | undefined;
-    const stats = (): EngineStats => {
-      const now = performance.now();
-      if (!cached || now - cached.at > 50) cached = { at: now, s: opts.engineStats() };
-      return cached.s;
-    };
+    // One stats() call per scrape (render()), shared by every collector of that scrape.
+    const stats = (): EngineStats => (this.snapshot ??= opts.engineStats());
     const gauge = (name: string, help: string, read: (s: EngineStats) => number): void => {
       new Gauge({
         name, help, labelNames, registers: [r],
@@ -216,8 +214,13 @@ export class ServerMetrics {
   }
 
   /** The Prometheus text exposition. */
-  render(): Promise<string> {
-    return this.registry.metrics();
+  async render(): Promise<string> {
+    this.snapshot = undefined;
+    try {
+      return await this.registry.metrics();
+    } finally {
+      this.snapshot = undefined;
+    }
   }
 
   // ---- recording (called by the request observer and the HTTP hooks) ----

@@ -19,7 +19,7 @@ import { observeGeneration as observeEvents, type ChoiceSummary, type Observable
 import { ADMISSION_DEFAULTS, Admission, queueFullError, shuttingDownError, timeoutError } from './admission.js';
 
 export interface OperationsOptions {
-  /** --max-num-seqs: requests that run at once (default 16). */
+  /** --max-num-seqs: requests that run at once (default: the engine's maxSeqs). */
   maxNumSeqs?: number;
   /** --max-waiting-requests (default 1024). */
   maxWaitingRequests?: number;
@@ -100,7 +100,10 @@ function isGenerationRoute(request: FastifyRequest): boolean {
 
 export function installOperations(app: FastifyInstance, ctx: OperationsContext): Operations {
   const { engine } = ctx;
-  const admission = new Admission(ctx.maxNumSeqs ?? ADMISSION_DEFAULTS.maxNumSeqs, ctx.maxWaitingRequests ?? ADMISSION_DEFAULTS.maxWaitingRequests);
+  const admission = new Admission(
+    ctx.maxNumSeqs ?? engine.info.maxSeqs ?? ADMISSION_DEFAULTS.maxNumSeqs,
+    ctx.maxWaitingRequests ?? ADMISSION_DEFAULTS.maxWaitingRequests,
+  );
   const retryAfter = ctx.retryAfterSeconds ?? ADMISSION_DEFAULTS.retryAfter;
   const timeoutMs = ctx.requestTimeoutMs ?? 0;
   const logRequests = ctx.logRequests ?? true;
