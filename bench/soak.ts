@@ -31,6 +31,7 @@ load:
   --clients N             concurrent clients (default 32)
   --output-tokens N       forced output length of captions (default 16)
   --max-num-seqs N        when starting the server (default 8)
+  --threads N             when starting the server: CPU threads (default: the server's own)
   --max-waiting-requests N  when starting the server (default 16)
   --sample SECONDS        progress and memory sample interval (default 10)
   --seed N                (default 1)
@@ -66,7 +67,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     options: {
       endpoint: { type: 'string' }, model: { type: 'string' }, mmproj: { type: 'string' }, 'model-name': { type: 'string' },
       duration: { type: 'string' }, clients: { type: 'string' }, 'output-tokens': { type: 'string' },
-      'max-num-seqs': { type: 'string' }, 'max-waiting-requests': { type: 'string' }, sample: { type: 'string' },
+      'max-num-seqs': { type: 'string' }, 'max-waiting-requests': { type: 'string' }, sample: { type: 'string' }, threads: { type: 'string' },
       seed: { type: 'string' }, settle: { type: 'string' }, help: { type: 'boolean' },
     },
   });
@@ -96,7 +97,8 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     const args = [path.join(root, 'bin', 'caprl.js'), 'serve', model, ...(mmproj ? ['--mmproj', mmproj] : []),
       '--host', '127.0.0.1', '--port', String(port), '--served-model-name', modelName,
       '--max-model-len', '4096', '--max-num-seqs', String(num(values['max-num-seqs'], 8)),
-      '--max-waiting-requests', String(num(values['max-waiting-requests'], 16)), '--disable-log-requests'];
+      '--max-waiting-requests', String(num(values['max-waiting-requests'], 16)), '--disable-log-requests',
+      ...(values.threads ? ['--threads', values.threads] : [])];
     server = await ManagedServer.start({
       name: 'caprl', command: process.execPath, args, port, modelName,
       logFile: path.join(tmp ?? os.tmpdir(), 'soak-server.log'),

@@ -14,7 +14,7 @@ import { startTestServer, waitFor } from './helpers/server.js';
 
 const SEED = Number(process.env.CAPRL_FUZZ_SEED ?? Date.now() % 1_000_000);
 const SECONDS = Number(process.env.CAPRL_FUZZ_SECONDS ?? 20);
-const ITERATIONS = Number(process.env.CAPRL_FUZZ_ITERATIONS ?? 300);
+const ITERATIONS = Number(process.env.CAPRL_FUZZ_ITERATIONS ?? 600);
 
 /** mulberry32 */
 function rng(seed: number): () => number {
