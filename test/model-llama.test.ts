@@ -1,7 +1,6 @@
 // The generated tiny model loads and runs in the real llama.cpp (llama-mtmd-cli, llama-tokenize).
 // Binaries: $CAPRL_LLAMA_BIN_DIR, else <repo>/build/bin. Skipped, with a message, if absent.
 import t from 'tap';
-import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -10,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { deflateSync } from 'node:zlib';
 import { generateModel } from '../src/model/generate.js';
 import { PRESETS } from '../src/model/presets.js';
+import { runToolUntil } from './helpers/llama-tools.js';
 import { encode } from '../src/model/tokenizer.js';
 import { textVocab } from '../src/model/qwen25vl.js';
 
@@ -25,15 +25,6 @@ function repoRoot(): string {
 
 const binDir = resolve(process.env.CAPRL_LLAMA_BIN_DIR ?? join(repoRoot(), 'build', 'bin'));
 const bin = (name: string) => join(binDir, name);
-
-function run(cmd: string, args: string[], timeoutMs = 60_000): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((res) => {
-    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
-      const code = err ? (typeof (err as NodeJS.ErrnoException & { code?: unknown }).code === 'number' ? (err as unknown as { code: number }).code : 1) : 0;
-      res({ code, stdout: String(stdout), stderr: String(stderr) });
-    });
-  });
-}
 
 /** A small RGB PNG (gradient), written without any image library. */
 function makePng(w: number, h: number): Buffer {
@@ -88,11 +79,11 @@ t.test('tiny model runs in llama-mtmd-cli (f16, bf16, q8_0)', { skip: haveMtmd ?
   await writeFile(img, makePng(64, 48));
   for (const dtype of ['f16', 'bf16', 'q8_0'] as const) {
     const { model, mmproj } = await generateModel({ preset: 'tiny', dtype, seed: 1, outDir: dir });
-    const r = await run(bin('llama-mtmd-cli'), [
+    const r = await runToolUntil(bin('llama-mtmd-cli'), [
       '-m', model, '--mmproj', mmproj, '--image', img,
       '-p', 'Please describe this image in detail',
       '-n', '12', '--temp', '0', '--jinja', '--no-warmup', '-t', '2', '-v',
-    ]);
+    ], (x) => x.stdout.trim().length >= 5 && /EOG token\s+=\s+2000/.test(x.stderr));
     if (r.code !== 0) t.comment(r.stderr.slice(-2000));
     t.equal(r.code, 0, `${dtype}: exit code`);
     t.match(r.stderr, /projector:\s+qwen2\.5vl_merger/, `${dtype}: clip loaded the projector`);
@@ -102,7 +93,8 @@ t.test('tiny model runs in llama-mtmd-cli (f16, bf16, q8_0)', { skip: haveMtmd ?
     t.match(r.stderr, /EOG token\s+=\s+2002 '<\|im_end\|>'/, `${dtype}: <|im_end|> is EOG`);
     t.match(r.stderr, /EOG token\s+=\s+2000 '<\|endoftext\|>'/, `${dtype}: <|endoftext|> is EOG`);
     // Not an immediate end-of-generation: 12 greedy tokens of a random model give some text.
-    // (llama.cpp's log thread may drop its last lines at exit, so the perf counters are not used.)
+    // (llama.cpp's log thread may drop its last lines at exit: runToolUntil reruns a cut run, and
+    // the perf counters are not used.)
     const gen = r.stdout.trim();
     t.ok(gen.length >= 5, `${dtype}: generated text ${JSON.stringify(gen)}`);
   }
@@ -119,7 +111,7 @@ t.test('llama-tokenize agrees with the reference tokenizer', { skip: haveTokeniz
     "Hello world! It's 2024, naïve café 🚀\n\n  indented\ttabs",
   ];
   for (const text of texts) {
-    const r = await run(bin('llama-tokenize'), ['-m', model, '-p', text, '--ids', '--log-disable']);
+    const r = await runToolUntil(bin('llama-tokenize'), ['-m', model, '-p', text, '--ids', '--log-disable'], (x) => /\[[\d, ]*\]/.test(x.stdout));
     if (r.code !== 0) t.comment(r.stderr.slice(-2000));
     t.equal(r.code, 0, 'llama-tokenize exit code');
     const m = /\[([\d, ]*)\]\s*$/.exec(r.stdout.trim());
