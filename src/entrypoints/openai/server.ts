@@ -111,7 +111,8 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
   const imageOptions = opts.imageOptions ?? { ...LLAMA_CPP_QWEN25VL_LIMITS };
   const imageSource = opts.imageSource ?? imageSourceOptionsFromEnv();
   const limitImagesPerPrompt = opts.limitImagesPerPrompt ?? 999;
-  app.post('/v1/chat/completions', createChatCompletionHandler({
+  // One set of handler options for chat and the other vLLM routes.
+  const handlerOptions = {
     engine,
     servedModelNames: opts.servedModelNames,
     maxModelLen,
@@ -123,20 +124,9 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
     seed: opts.seed,
     logRequests: opts.logRequests,
     isAccepting: () => accepting,
-  }));
-  registerVllmRoutes(app, {
-    engine,
-    servedModelNames: opts.servedModelNames,
-    maxModelLen,
-    imageOptions,
-    imageSource,
-    limitImagesPerPrompt,
-    maxLogprobs: opts.maxLogprobs,
-    maxNumSeqs: opts.maxNumSeqs,
-    seed: opts.seed,
-    logRequests: opts.logRequests,
-    isAccepting: () => accepting,
-  });
+  };
+  app.post('/v1/chat/completions', createChatCompletionHandler(handlerOptions));
+  registerVllmRoutes(app, handlerOptions);
   // CapRL workflows: POST /v1/captions (uploads), /v1/rewards/caprl and /get_reward (QA reward).
   registerWorkflowRoutes(app, {
     engine,
