@@ -61,7 +61,8 @@ export const DISCONNECT_PROMPT = 'Go on and on.';
 
 const PROMPTS = ['Please describe this image in detail', 'What is in the picture?', 'Caption this.', 'List the main objects.'];
 
-function rng(seed: number): () => number {
+/** mulberry32: a small seeded PRNG in [0, 1), shared with the fuzz test. */
+export function rng(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;

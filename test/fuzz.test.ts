@@ -11,21 +11,12 @@ import { LLAMA_CPP_QWEN25VL_LIMITS } from '../src/images/qwen-resize.js';
 import { dataUri, picture } from './helpers/bad-images.js';
 import { scrape } from './helpers/prom.js';
 import { startTestServer, waitFor } from './helpers/server.js';
+import { rng } from '../bench/load.js';
 
 const SEED = Number(process.env.CAPRL_FUZZ_SEED ?? Date.now() % 1_000_000);
 const SECONDS = Number(process.env.CAPRL_FUZZ_SECONDS ?? 20);
 const ITERATIONS = Number(process.env.CAPRL_FUZZ_ITERATIONS ?? 600);
 
-/** mulberry32 */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = Math.imul(a ^ (a >>> 15), 1 | a);
-    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
 
