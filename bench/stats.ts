@@ -94,3 +94,14 @@ export function summarize(concurrency: number, results: readonly RequestResult[]
     ...(truncated ? { truncated } : {}),
   };
 }
+
+/** Relative error ||a - b|| / ||b|| of a against reference b (Infinity when lengths differ). */
+export function relError(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) return Infinity;
+  let num = 0, den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num / den);
+}

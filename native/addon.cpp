@@ -1,5 +1,6 @@
 // The Node-API surface: converts JS objects to the engine's plain structs and back.
 // Shapes are documented in src/engine/native-types.ts; JS validates requests before they get here.
+#include "addon-vision.h"
 #include "engine.h"
 
 #include <napi.h>
@@ -338,6 +339,7 @@ Napi::Value BuildInfo(const Napi::CallbackInfo & info) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
     exports.Set("Engine", EngineWrap::Init(env));
     exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
+    exports.Set("VisionEncoder", vision_encoder_class(env));
     return exports;
 }
 

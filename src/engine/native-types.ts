@@ -171,4 +171,38 @@ export interface NativeAddon {
   Engine: NativeEngineConstructor;
   /** Builds info: llama.cpp commit, CUDA on/off. */
   buildInfo(): { llamaCommit: string; cuda: boolean; system: string };
+  /** A vision encoder on its own, for tests and benchmarks comparing ours with llama.cpp's. */
+  VisionEncoder: NativeVisionEncoderConstructor;
+}
+
+export type VisionEncoderKind = 'llama.cpp' | 'caprl';
+
+export interface VisionEncoderOptions {
+  /** Text GGUF: llama.cpp's encoder (mtmd) takes its embedding size and vocab from it. */
+  model: string;
+  mmproj: string;
+  encoder: VisionEncoderKind;
+  /** CPU threads; default 1. */
+  nThreads?: number;
+  /** Run on the first GPU when the build has one; default true. */
+  useGpu?: boolean;
+}
+
+export interface VisionEncodeResult {
+  /** Per image, [tokens][nEmbd] row-major: the rows the engine decodes after the image's position. */
+  embeddings: Float32Array[];
+  nEmbd: number;
+  /** Wall time of the call (preprocessing + encoding); ours encodes all images in one pass, llama.cpp's one by one. */
+  ms: number;
+  /** Our encoder's ggml backend ('CPU', 'CUDA0'), or 'clip'. */
+  backend: string;
+}
+
+export interface NativeVisionEncoder {
+  /** Synchronous: blocks the JS thread while it encodes. */
+  encode(images: EngineImage[]): VisionEncodeResult;
+}
+
+export interface NativeVisionEncoderConstructor {
+  new (options: VisionEncoderOptions): NativeVisionEncoder;
 }

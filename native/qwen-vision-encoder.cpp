@@ -1,0 +1,445 @@
+#include "qwen-vision-encoder.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "gguf.h"
+#include "image-prep-ref.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <stdexcept>
+
+namespace caprl {
+
+namespace {
+
+constexpr int kPatch = CAPRL_PATCH_SIZE;
+constexpr int kMerge = CAPRL_MERGE_SIZE;
+constexpr int kPatchElems = 3 * kPatch * kPatch;  // one temporal frame of a patch: [c][ky][kx]
+// mtmd's Qwen-VL limits (clip.cpp: set_limit_image_tokens(8, 4096)), in pixels.
+constexpr int kMinPixels = 8 * CAPRL_GRID_FACTOR * CAPRL_GRID_FACTOR;
+constexpr int kMaxPixels = 4096 * CAPRL_GRID_FACTOR * CAPRL_GRID_FACTOR;
+// Images per graph: bounds the node count (full-attention blocks add nodes per image).
+constexpr size_t kMaxImagesPerGraph = 64;
+constexpr size_t kSchedNodes = 65536;
+
+struct Layer {
+    ggml_tensor *ln1, *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;
+    ggml_tensor *ln2, *gate_w, *gate_b, *up_w, *up_b, *down_w, *down_b;
+    bool full_attn;
+};
+
+// The host-side inputs of one graph. Tokens are in clip's window order: per image, windows of
+// grid_window x grid_window merged units in raster order, units in raster order inside a window,
+// the 2x2 patches of a unit together.
+struct BatchLayout {
+    int64_t n_tokens = 0;
+    int64_t n_windows = 0;
+    std::vector<float> patches;         // [n_tokens][588]
+    std::vector<int32_t> pos_y, pos_x;  // patch row / column of each token
+    std::vector<int32_t> win_gather;    // [n_windows][S]: token in each window slot (padding repeats the first)
+    std::vector<int32_t> win_scatter;   // [n_tokens]: the slot holding each token
+    std::vector<int32_t> win_len;       // real tokens per window
+    std::vector<int64_t> image_start;   // first token of each image
+    std::vector<int64_t> image_len;
+    std::vector<std::vector<int32_t>> unit_row;  // per image: merged unit (raster) -> output row (window order)
+};
+
+ggml_tensor * rms(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps) {
+    x = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), w);
+    return b ? ggml_add(ctx, x, b) : x;
+}
+
+ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b) {
+    x = ggml_mul_mat(ctx, w, x);
+    return b ? ggml_add(ctx, x, b) : x;
+}
+
+}  // namespace
+
+struct QwenVisionEncoder::Impl {
+    int n_embd = 0, n_head = 0, n_ff = 0, n_layer = 0, n_out = 0, n_wa_pattern = 0, grid_window = 0;
+    float eps = 1e-6f;
+    ggml_backend_t backend = nullptr;
+    ggml_backend_t cpu = nullptr;
+    ggml_backend_sched_t sched = nullptr;
+    ggml_context * ctx_w = nullptr;
+    ggml_backend_buffer_t buf_w = nullptr;
+    ggml_tensor * patch_w = nullptr;  // both temporal kernels, [588, 2*n_embd]
+    ggml_tensor * patch_b = nullptr;
+    ggml_tensor *post_ln_w = nullptr, *post_ln_b = nullptr;
+    ggml_tensor *mm0_w = nullptr, *mm0_b = nullptr, *mm2_w = nullptr, *mm2_b = nullptr;
+    std::vector<Layer> layers;
+
+    ~Impl() {
+        if (sched) ggml_backend_sched_free(sched);
+        if (buf_w) ggml_backend_buffer_free(buf_w);
+        if (ctx_w) ggml_free(ctx_w);
+        if (backend && backend != cpu) ggml_backend_free(backend);
+        if (cpu) ggml_backend_free(cpu);
+    }
+
+    void load(const std::string & path);
+    BatchLayout layout(const std::vector<const Image *> & images) const;
+    ggml_tensor * attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, bool full,
+                            const BatchLayout & lay, ggml_tensor * gather, ggml_tensor * scatter, ggml_tensor * mask) const;
+    void encode_graph(const std::vector<const Image *> & images, std::vector<std::vector<float>> & out);
+};
+
+void QwenVisionEncoder::Impl::load(const std::string & path) {
+    ggml_context * meta = nullptr;
+    gguf_init_params gp{true, &meta};
+    gguf_context * gguf = gguf_init_from_file(path.c_str(), gp);
+    if (!gguf) throw std::runtime_error("cannot read mmproj " + path);
+    struct Guard {
+        gguf_context * g;
+        ggml_context * m;
+        ~Guard() { gguf_free(g); ggml_free(m); }
+    } guard{gguf, meta};
+
+    auto key = [&](const char * name, bool required) {
+        const int64_t id = gguf_find_key(gguf, name);
+        if (id < 0 && required) throw std::runtime_error(std::string("mmproj lacks ") + name);
+        return id;
+    };
+    auto u32 = [&](const char * name, int def) {
+        const int64_t id = key(name, def < 0);
+        return id < 0 ? def : (int) gguf_get_val_u32(gguf, id);
+    };
+    const int64_t proj = key("clip.projector_type", true);
+    if (std::string(gguf_get_val_str(gguf, proj)) != "qwen2.5vl_merger") {
+        throw std::runtime_error("the caprl vision encoder supports Qwen2.5-VL mmproj files only (projector qwen2.5vl_merger)");
+    }
+    n_embd = u32("clip.vision.embedding_length", -1);
+    n_ff = u32("clip.vision.feed_forward_length", -1);
+    n_layer = u32("clip.vision.block_count", -1);
+    n_head = u32("clip.vision.attention.head_count", -1);
+    n_out = u32("clip.vision.projection_dim", -1);
+    n_wa_pattern = u32("clip.vision.n_wa_pattern", -1);
+    const int window_px = u32("clip.vision.window_size", 0);
+    grid_window = (window_px > 0 ? window_px : 112) / kPatch / kMerge;  // 112 px: clip's default
+    eps = gguf_get_val_f32(gguf, key("clip.vision.attention.layer_norm_epsilon", true));
+    if (u32("clip.vision.patch_size", -1) != kPatch || u32("clip.vision.spatial_merge_size", kMerge) != kMerge) {
+        throw std::runtime_error("mmproj patch or merge size differs from Qwen2.5-VL's 14 / 2");
+    }
+    if (n_head <= 0 || n_embd % n_head != 0 || grid_window <= 0) throw std::runtime_error("mmproj has an unusable vision shape");
+    // Pixels are normalized by kernels/image-prep-ref with CLIP's mean/std; the file must agree.
+    const float want[2][3] = {{CAPRL_CLIP_MEAN_R, CAPRL_CLIP_MEAN_G, CAPRL_CLIP_MEAN_B}, {CAPRL_CLIP_STD_R, CAPRL_CLIP_STD_G, CAPRL_CLIP_STD_B}};
+    const char * norm_keys[2] = {"clip.vision.image_mean", "clip.vision.image_std"};
+    for (int k = 0; k < 2; k++) {
+        const int64_t id = key(norm_keys[k], true);
+        const float * v = (const float *) gguf_get_arr_data(gguf, id);
+        if (gguf_get_arr_n(gguf, id) != 3 || std::fabs(v[0] - want[k][0]) > 1e-6f || std::fabs(v[1] - want[k][1]) > 1e-6f ||
+            std::fabs(v[2] - want[k][2]) > 1e-6f) {
+            throw std::runtime_error("mmproj image mean/std differ from CLIP's, which the caprl encoder's preprocessing uses");
+        }
+    }
+
+    // Our own context holding copies of the tensors we use; data is read from the file below.
+    ggml_init_params ip{ggml_tensor_overhead() * (size_t) (n_layer * 16 + 16), nullptr, true};
+    ctx_w = ggml_init(ip);
+    struct Load {
+        ggml_tensor * t;
+        size_t file_off, bytes, dst_off;
+    };
+    std::vector<Load> loads;
+    const size_t data_off = gguf_get_data_offset(gguf);
+    auto file_off = [&](const std::string & name) { return data_off + gguf_get_tensor_offset(gguf, gguf_find_tensor(gguf, name.c_str())); };
+    auto get = [&](const std::string & name, bool required, std::initializer_list<int64_t> ne) -> ggml_tensor * {
+        ggml_tensor * m = ggml_get_tensor(meta, name.c_str());
+        if (!m) {
+            if (required) throw std::runtime_error("mmproj lacks tensor " + name);
+            return nullptr;
+        }
+        int d = 0;
+        for (int64_t n : ne) {
+            if (m->ne[d++] != n) throw std::runtime_error("mmproj tensor " + name + " has an unexpected shape");
+        }
+        ggml_tensor * t = ggml_dup_tensor(ctx_w, m);
+        loads.push_back({t, file_off(name), ggml_nbytes(m), 0});
+        return t;
+    };
+
+    const int64_t C = n_embd;
+    // Conv3d (2 x 14 x 14) as its two temporal slices, stored as one [588, 2C] matrix so a
+    // single matmul computes both; the halves are summed as clip sums its two conv2d.
+    ggml_tensor * p0 = ggml_get_tensor(meta, "v.patch_embd.weight");
+    ggml_tensor * p1 = ggml_get_tensor(meta, "v.patch_embd.weight.1");
+    if (!p0 || !p1 || p0->type != p1->type || ggml_nelements(p0) != (int64_t) kPatchElems * C ||
+        ggml_nelements(p1) != ggml_nelements(p0) || p0->ne[0] != kPatch || p0->ne[2] != 3) {
+        throw std::runtime_error("mmproj lacks the two temporal patch-embedding kernels");
+    }
+    patch_w = ggml_new_tensor_2d(ctx_w, p0->type, kPatchElems, 2 * C);
+    loads.push_back({patch_w, file_off("v.patch_embd.weight"), ggml_nbytes(p0), 0});
+    loads.push_back({patch_w, file_off("v.patch_embd.weight.1"), ggml_nbytes(p1), ggml_nbytes(p0)});
+    patch_b = get("v.patch_embd.bias", false, {C});
+    if (ggml_get_tensor(meta, "v.pre_ln.weight")) throw std::runtime_error("mmproj has a pre-layernorm, which Qwen2.5-VL does not");
+
+    for (int il = 0; il < n_layer; il++) {
+        const std::string b = "v.blk." + std::to_string(il) + ".";
+        Layer L{};
+        L.ln1 = get(b + "ln1.weight", true, {C});
+        L.q_w = get(b + "attn_q.weight", true, {C, C});
+        L.q_b = get(b + "attn_q.bias", true, {C});
+        L.k_w = get(b + "attn_k.weight", true, {C, C});
+        L.k_b = get(b + "attn_k.bias", true, {C});
+        L.v_w = get(b + "attn_v.weight", true, {C, C});
+        L.v_b = get(b + "attn_v.bias", true, {C});
+        L.o_w = get(b + "attn_out.weight", true, {C, C});
+        L.o_b = get(b + "attn_out.bias", true, {C});
+        L.ln2 = get(b + "ln2.weight", true, {C});
+        L.gate_w = get(b + "ffn_gate.weight", true, {C, n_ff});
+        L.gate_b = get(b + "ffn_gate.bias", true, {n_ff});
+        L.up_w = get(b + "ffn_up.weight", true, {C, n_ff});
+        L.up_b = get(b + "ffn_up.bias", true, {n_ff});
+        L.down_w = get(b + "ffn_down.weight", true, {n_ff, C});
+        L.down_b = get(b + "ffn_down.bias", true, {C});
+        // As clip: windowed blocks, except every n_wa_pattern-th (HF's fullatt_block_indexes).
+        L.full_attn = n_wa_pattern <= 0 || (il + 1) % n_wa_pattern == 0;
+        layers.push_back(L);
+    }
+    post_ln_w = get("v.post_ln.weight", true, {C});
+    post_ln_b = get("v.post_ln.bias", false, {C});
+    mm0_w = get("mm.0.weight", true, {4 * C, 4 * C});
+    mm0_b = get("mm.0.bias", true, {4 * C});
+    mm2_w = get("mm.2.weight", true, {4 * C, n_out});
+    mm2_b = get("mm.2.bias", true, {n_out});
+
+    buf_w = ggml_backend_alloc_ctx_tensors(ctx_w, backend);
+    if (!buf_w) throw std::runtime_error("cannot allocate the vision weights on " + std::string(ggml_backend_name(backend)));
+    ggml_backend_buffer_set_usage(buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    std::ifstream f(path, std::ios::binary);
+    std::vector<char> bytes;
+    for (const Load & l : loads) {
+        bytes.resize(l.bytes);
+        f.seekg((std::streamoff) l.file_off);
+        if (!f.read(bytes.data(), (std::streamsize) l.bytes)) throw std::runtime_error("cannot read mmproj tensor data from " + path);
+        ggml_backend_tensor_set(l.t, bytes.data(), l.dst_off, l.bytes);
+    }
+}
+
+BatchLayout QwenVisionEncoder::Impl::layout(const std::vector<const Image *> & images) const {
+    BatchLayout lay;
+    const int G = grid_window;
+    const int S = (G * kMerge) * (G * kMerge);  // patches in a full window
+    std::vector<float> chw;
+    for (const Image * img : images) {
+        int cw = 0, ch = 0;
+        canvas_size(img->width, img->height, cw, ch);
+        chw.resize((size_t) 3 * cw * ch);
+        if (img->rgb.size() != (size_t) img->width * img->height * 3 ||
+            caprl_image_prep_ref(img->rgb.data(), (int) img->width, (int) img->height, cw, ch, CAPRL_RESIZE_PAD_CEIL, chw.data(), nullptr) != 0) {
+            throw std::runtime_error("image preprocessing failed");
+        }
+        const int pw = cw / CAPRL_GRID_FACTOR, ph = ch / CAPRL_GRID_FACTOR;
+        const int64_t start = lay.n_tokens;
+        lay.image_start.push_back(start);
+        std::vector<int32_t> unit_row((size_t) pw * ph);
+        for (int wy = 0; wy < ph; wy += G) {
+            for (int wx = 0; wx < pw; wx += G) {
+                const int64_t first = lay.n_tokens;
+                for (int uy = wy; uy < std::min(wy + G, ph); uy++) {
+                    for (int ux = wx; ux < std::min(wx + G, pw); ux++) {
+                        unit_row[(size_t) uy * pw + ux] = (int32_t) ((lay.n_tokens - start) / 4);
+                        for (int d = 0; d < 4; d++) {
+                            const int py = uy * kMerge + d / 2, px = ux * kMerge + d % 2;
+                            for (int c = 0; c < 3; c++) {
+                                for (int ky = 0; ky < kPatch; ky++) {
+                                    const float * row = &chw[((size_t) c * ch + (size_t) py * kPatch + ky) * cw + (size_t) px * kPatch];
+                                    lay.patches.insert(lay.patches.end(), row, row + kPatch);
+                                }
+                            }
+                            lay.pos_y.push_back(py);
+                            lay.pos_x.push_back(px);
+                            lay.n_tokens++;
+                        }
+                    }
+                }
+                const int32_t len = (int32_t) (lay.n_tokens - first);
+                for (int s = 0; s < S; s++) lay.win_gather.push_back((int32_t) (first + (s < len ? s : 0)));
+                for (int s = 0; s < len; s++) lay.win_scatter.push_back((int32_t) (lay.n_windows * S + s));
+                lay.win_len.push_back(len);
+                lay.n_windows++;
+            }
+        }
+        lay.image_len.push_back(lay.n_tokens - start);
+        lay.unit_row.push_back(std::move(unit_row));
+    }
+    return lay;
+}
+
+ggml_tensor * QwenVisionEncoder::Impl::attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, bool full,
+                                                 const BatchLayout & lay, ggml_tensor * gather, ggml_tensor * scatter,
+                                                 ggml_tensor * mask) const {
+    const int64_t C = n_embd, d_head = n_embd / n_head;
+    const float scale = 1.0f / std::sqrt((float) d_head);
+    auto fa = [&](ggml_tensor * qq, ggml_tensor * kk, ggml_tensor * vv, ggml_tensor * m) {
+        ggml_tensor * o = ggml_flash_attn_ext(ctx, qq, ggml_cast(ctx, kk, GGML_TYPE_F16), ggml_cast(ctx, vv, GGML_TYPE_F16), m, scale, 0.0f, 0.0f);
+        ggml_prec_set_acc(o, GGML_PREC_F32);
+        return o;  // [d_head, n_head, n_q, batch]
+    };
+    if (!full) {
+        // Every window as one batch entry of S slots: [d_head, S, n_head, n_windows].
+        const int64_t S = gather->ne[0] / lay.n_windows;
+        auto windows = [&](ggml_tensor * t) {
+            t = ggml_get_rows(ctx, ggml_reshape_2d(ctx, t, C, lay.n_tokens), gather);
+            return ggml_permute(ctx, ggml_reshape_4d(ctx, t, d_head, n_head, S, lay.n_windows), 0, 2, 1, 3);
+        };
+        ggml_tensor * o = fa(windows(q), windows(k), windows(v), mask);
+        return ggml_get_rows(ctx, ggml_reshape_2d(ctx, o, C, S * lay.n_windows), scatter);
+    }
+    // Full attention within each image; the images' outputs are joined pairwise (log2 copies).
+    std::vector<ggml_tensor *> parts;
+    for (size_t i = 0; i < lay.image_start.size(); i++) {
+        auto img = [&](ggml_tensor * t) {
+            ggml_tensor * view = ggml_view_3d(ctx, t, d_head, n_head, lay.image_len[i], t->nb[1], t->nb[2], lay.image_start[i] * t->nb[2]);
+            return ggml_permute(ctx, view, 0, 2, 1, 3);
+        };
+        parts.push_back(ggml_reshape_2d(ctx, fa(img(q), img(k), img(v), nullptr), C, lay.image_len[i]));
+    }
+    while (parts.size() > 1) {
+        std::vector<ggml_tensor *> next;
+        for (size_t i = 0; i + 1 < parts.size(); i += 2) next.push_back(ggml_concat(ctx, parts[i], parts[i + 1], 1));
+        if (parts.size() % 2) next.push_back(parts.back());
+        parts.swap(next);
+    }
+    return parts[0];
+}
+
+void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & images, std::vector<std::vector<float>> & out) {
+    const BatchLayout lay = layout(images);
+    const int64_t C = n_embd, N = lay.n_tokens, d_head = n_embd / n_head;
+    const int64_t S = (int64_t) (grid_window * kMerge) * (grid_window * kMerge);
+    const bool windowed = std::any_of(layers.begin(), layers.end(), [](const Layer & L) { return !L.full_attn; });
+
+    const size_t n_nodes = 1024 + (size_t) n_layer * (64 + 12 * images.size());
+    ggml_init_params ip{ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false), nullptr, true};
+    ggml_context * ctx = ggml_init(ip);
+    struct CtxGuard {
+        ggml_context * c;
+        ~CtxGuard() { ggml_free(c); }
+    } ctx_guard{ctx};
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_nodes, false);
+
+    auto input = [&](ggml_tensor * t) {
+        ggml_set_input(t);
+        return t;
+    };
+    ggml_tensor * patches = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kPatchElems, N));
+    ggml_tensor * positions = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 4 * N));
+    ggml_tensor *gather = nullptr, *scatter = nullptr, *mask = nullptr;
+    if (windowed) {
+        gather = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, S * lay.n_windows));
+        scatter = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N));
+        mask = input(ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, S, 1, lay.n_windows));
+    }
+
+    ggml_tensor * pe = ggml_mul_mat(ctx, patch_w, patches);  // [2C, N]: both temporal slices
+    ggml_tensor * x = ggml_add(ctx, ggml_view_2d(ctx, pe, C, N, pe->nb[1], 0), ggml_view_2d(ctx, pe, C, N, pe->nb[1], C * ggml_element_size(pe)));
+    if (patch_b) x = ggml_add(ctx, x, patch_b);
+
+    int sections[GGML_MROPE_SECTIONS] = {(int) d_head / 4, (int) d_head / 4, (int) d_head / 4, (int) d_head / 4};
+    auto rope = [&](ggml_tensor * t) {
+        // clip's 2D rotary embedding for Qwen2-VL/2.5-VL vision (same op, same arguments).
+        return ggml_rope_multi(ctx, t, positions, nullptr, (int) d_head / 2, sections, GGML_ROPE_TYPE_VISION, 32768, 10000, 1, 0, 1, 32, 1);
+    };
+    for (const Layer & L : layers) {
+        ggml_tensor * h = rms(ctx, x, L.ln1, nullptr, eps);
+        ggml_tensor * q = rope(ggml_reshape_3d(ctx, linear(ctx, h, L.q_w, L.q_b), d_head, n_head, N));
+        ggml_tensor * k = rope(ggml_reshape_3d(ctx, linear(ctx, h, L.k_w, L.k_b), d_head, n_head, N));
+        ggml_tensor * v = ggml_reshape_3d(ctx, linear(ctx, h, L.v_w, L.v_b), d_head, n_head, N);
+        x = ggml_add(ctx, x, linear(ctx, attention(ctx, q, k, v, L.full_attn, lay, gather, scatter, mask), L.o_w, L.o_b));
+        h = rms(ctx, x, L.ln2, nullptr, eps);
+        ggml_tensor * f = ggml_swiglu_split(ctx, linear(ctx, h, L.gate_w, L.gate_b), linear(ctx, h, L.up_w, L.up_b));
+        x = ggml_add(ctx, x, linear(ctx, f, L.down_w, L.down_b));
+    }
+    // Patch merger: norm per patch, then each unit's 4 consecutive patches as one 4C row.
+    x = ggml_reshape_2d(ctx, rms(ctx, x, post_ln_w, post_ln_b, eps), 4 * C, N / 4);
+    x = linear(ctx, ggml_gelu(ctx, linear(ctx, x, mm0_w, mm0_b)), mm2_w, mm2_b);
+    ggml_set_output(x);
+    ggml_build_forward_expand(gf, x);
+
+    ggml_backend_sched_reset(sched);
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) throw std::runtime_error("cannot allocate the vision graph");
+    ggml_backend_tensor_set(patches, lay.patches.data(), 0, ggml_nbytes(patches));
+    std::vector<int32_t> pos;
+    pos.reserve(4 * N);
+    for (const auto * sec : {&lay.pos_y, &lay.pos_x, &lay.pos_y, &lay.pos_x}) pos.insert(pos.end(), sec->begin(), sec->end());
+    ggml_backend_tensor_set(positions, pos.data(), 0, ggml_nbytes(positions));
+    if (windowed) {
+        ggml_backend_tensor_set(gather, lay.win_gather.data(), 0, ggml_nbytes(gather));
+        ggml_backend_tensor_set(scatter, lay.win_scatter.data(), 0, ggml_nbytes(scatter));
+        const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
+        std::vector<ggml_fp16_t> m((size_t) S * S * lay.n_windows);
+        for (int64_t w = 0; w < lay.n_windows; w++) {
+            for (int64_t r = 0; r < S; r++) {
+                for (int64_t c = 0; c < S; c++) m[(size_t) (w * S + r) * S + c] = c < lay.win_len[w] ? zero : ninf;
+            }
+        }
+        ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
+    }
+    if (ggml_backend_sched_graph_compute(sched, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("the vision graph failed");
+
+    std::vector<float> all((size_t) n_out * (N / 4));
+    ggml_backend_tensor_get(x, all.data(), 0, ggml_nbytes(x));
+    // Back to clip's order: merged units in raster order.
+    for (size_t i = 0; i < images.size(); i++) {
+        const auto & rows = lay.unit_row[i];
+        std::vector<float> e(rows.size() * n_out);
+        const float * base = all.data() + (size_t) (lay.image_start[i] / 4) * n_out;
+        for (size_t r = 0; r < rows.size(); r++) std::copy_n(base + (size_t) rows[r] * n_out, n_out, e.data() + r * n_out);
+        out.push_back(std::move(e));
+    }
+}
+
+QwenVisionEncoder::QwenVisionEncoder(const std::string & mmproj, bool use_gpu, int n_threads) : impl_(std::make_unique<Impl>()) {
+    Impl & m = *impl_;
+    m.cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+    if (!m.cpu) throw std::runtime_error("cannot start ggml's CPU backend");
+    // The device choice mtmd makes: the first GPU, else an integrated GPU, else the CPU.
+    if (use_gpu) {
+        m.backend = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_GPU, nullptr);
+        if (!m.backend) m.backend = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU, nullptr);
+    }
+    if (!m.backend) m.backend = m.cpu;
+    ggml_backend_dev_t dev = ggml_backend_get_device(m.cpu);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    auto set_threads = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : nullptr;
+    if (set_threads) set_threads(m.cpu, std::max(1, n_threads));
+
+    m.load(mmproj);
+    ggml_backend_t backends[2] = {m.backend, m.cpu};
+    m.sched = ggml_backend_sched_new(backends, nullptr, m.backend == m.cpu ? 1 : 2, kSchedNodes, false, true);
+    if (!m.sched) throw std::runtime_error("cannot create the vision scheduler");
+}
+
+QwenVisionEncoder::~QwenVisionEncoder() = default;
+
+int32_t QwenVisionEncoder::n_embd_out() const { return impl_->n_out; }
+
+std::string QwenVisionEncoder::backend_name() const { return ggml_backend_name(impl_->backend); }
+
+void QwenVisionEncoder::canvas_size(uint32_t w, uint32_t h, int & canvas_w, int & canvas_h) {
+    if (caprl_llama_qwen_target_size((int) w, (int) h, kMinPixels, kMaxPixels, &canvas_w, &canvas_h) != 0) {
+        throw std::runtime_error("image size out of range");
+    }
+}
+
+int64_t QwenVisionEncoder::n_patches(const Image & img) {
+    int cw = 0, ch = 0;
+    canvas_size(img.width, img.height, cw, ch);
+    return (int64_t) (cw / kPatch) * (ch / kPatch);
+}
+
+std::vector<std::vector<float>> QwenVisionEncoder::encode(const std::vector<const Image *> & images) {
+    std::vector<std::vector<float>> out;
+    for (size_t i = 0; i < images.size(); i += kMaxImagesPerGraph) {
+        const std::vector<const Image *> part(images.begin() + i, images.begin() + std::min(images.size(), i + kMaxImagesPerGraph));
+        impl_->encode_graph(part, out);
+    }
+    return out;
+}
+
+}  // namespace caprl

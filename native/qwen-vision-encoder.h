@@ -1,0 +1,40 @@
+// Our Qwen2.5-VL vision encoder (issue 8): reads the mmproj GGUF itself and encodes several
+// images of any sizes in one ggml graph. Window attention runs as batched attention over the real
+// 8x8-patch windows (edge windows padded and masked), not as full attention with a mask as
+// llama.cpp's clip does; full attention (every n_wa_pattern-th block) runs per image.
+// Output equals clip's for the same RGB image: [n_merged_tokens, n_embd_out] f32, raster order.
+#pragma once
+
+#include "types.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace caprl {
+
+class QwenVisionEncoder {
+  public:
+    // Loads the mmproj (projector qwen2.5vl_merger) on the first GPU when use_gpu and one exists
+    // (as mtmd does), else on the CPU with n_threads. Throws std::runtime_error on failure.
+    QwenVisionEncoder(const std::string & mmproj, bool use_gpu, int n_threads);
+    ~QwenVisionEncoder();
+
+    int32_t n_embd_out() const;
+    std::string backend_name() const;
+
+    // The canvas llama.cpp's mtmd resizes an image to (multiples of 28), and the patches (14x14)
+    // the encoder runs on; the output has n_patches / 4 rows.
+    static void canvas_size(uint32_t w, uint32_t h, int & canvas_w, int & canvas_h);
+    static int64_t n_patches(const Image & img);
+
+    // Encodes all images in one graph; out[i] is image i's [n_patches_i / 4, n_embd_out] row-major.
+    std::vector<std::vector<float>> encode(const std::vector<const Image *> & images);
+
+  private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace caprl
