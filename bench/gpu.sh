@@ -169,6 +169,21 @@ main() {
     fi
   done
 
+  # ---------------------------------------------------------------- KV cache sizing
+  # vLLM's default --gpu-memory-utilization 0.9 on this device: what the engine measured and chose.
+  phase "KV cache sizing (memoryFraction 0.9, $PRESET-${DTYPES%%,*})"
+  local dt0=${DTYPES%%,*} seqs=64
+  [ "$DRY" = 1 ] && seqs=4
+  timeout 90 node --input-type=module -e "
+    import { Engine } from './dist/src/engine/engine.js';
+    import { describeKvCache } from './dist/src/entrypoints/openai/kv-cache-sizing.js';
+    const e = new Engine({ model: '$WORK/models/$PRESET-$dt0.gguf', mmproj: '$WORK/models/mmproj-$PRESET-$dt0.gguf',
+      memoryFraction: 0.9, maxModelLen: 8192, maxSeqs: $seqs, nBatch: 2048, logLevel: 'error' });
+    console.log(describeKvCache(e.info.kvCache));
+    console.log(JSON.stringify(e.info.kvCache));
+    await e.close();" 2>&1 | sed 's/^/  /'
+  [ "${PIPESTATUS[0]}" = 0 ] || fail "KV cache sizing"
+
   # ---------------------------------------------------------------- kernels
   phase "gpu-check (kernels/image-prep.cu vs the CPU reference)"
   if [ "${SKIP_GPU_CHECK:-0}" = 1 ]; then

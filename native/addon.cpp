@@ -180,7 +180,9 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         EngineOptions opts;
         opts.model = get_string(o, "model");
         opts.mmproj = get_string(o, "mmproj");
-        opts.n_ctx = (uint32_t) get_number(o, "nCtx", opts.n_ctx);
+        opts.n_ctx = (uint32_t) get_number(o, "nCtx", 0);
+        opts.kv_cache_bytes = (uint64_t) get_number(o, "kvCacheBytes", 0);
+        opts.memory_fraction = get_number(o, "memoryFraction", 0);
         opts.max_model_len = (uint32_t) get_number(o, "maxModelLen", 0);
         opts.max_seqs = (uint32_t) get_number(o, "maxSeqs", opts.max_seqs);
         opts.n_batch = (uint32_t) get_number(o, "nBatch", opts.n_batch);
@@ -234,6 +236,20 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("maxSeqs", i.max_seqs);
         o.Set("nLayers", i.n_layers);
         o.Set("nGpuLayers", i.n_gpu_layers);
+        const KvCacheReport & kv = i.kv_cache;
+        Napi::Object k = Napi::Object::New(env);
+        k.Set("sizedBy", kv.sized_by);
+        k.Set("device", kv.device);
+        k.Set("onGpu", kv.on_gpu);
+        k.Set("deviceTotalBytes", (double) kv.device_total_bytes);
+        k.Set("deviceFreeBytes", (double) kv.device_free_bytes);
+        k.Set("tokens", kv.tokens);
+        k.Set("bytes", (double) kv.bytes);
+        k.Set("bytesPerToken", kv.bytes_per_token);
+        k.Set("computeBytes", (double) kv.compute_bytes);
+        k.Set("nonKvBytes", (double) kv.non_kv_bytes);
+        k.Set("memoryFraction", kv.memory_fraction);
+        o.Set("kvCache", k);
         return o;
     }
 
@@ -336,9 +352,30 @@ Napi::Value BuildInfo(const Napi::CallbackInfo & info) {
     return o;
 }
 
+// The GPUs ggml sees (none on a CPU build), before any engine exists: JS picks how to size the
+// KV cache from them (vLLM's --gpu-memory-utilization default applies where a GPU holds it).
+Napi::Value GpuDevices(const Napi::CallbackInfo & info) {
+    Napi::Env env = info.Env();
+    Napi::Array out = Napi::Array::New(env);
+    for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const auto type = ggml_backend_dev_type(dev);
+        if (type != GGML_BACKEND_DEVICE_TYPE_GPU && type != GGML_BACKEND_DEVICE_TYPE_IGPU) continue;
+        const DeviceMemory mem = device_memory(dev);
+        Napi::Object d = Napi::Object::New(env);
+        d.Set("name", ggml_backend_dev_name(dev));
+        d.Set("description", ggml_backend_dev_description(dev));
+        d.Set("totalBytes", (double) mem.total);
+        d.Set("freeBytes", (double) mem.free);
+        out.Set(out.Length(), d);
+    }
+    return out;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
     exports.Set("Engine", EngineWrap::Init(env));
     exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
+    exports.Set("gpuDevices", Napi::Function::New(env, GpuDevices));
     exports.Set("VisionEncoder", vision_encoder_class(env));
     return exports;
 }

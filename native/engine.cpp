@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <stdexcept>
 #include <thread>
 #include <string_view>
@@ -47,6 +48,8 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = opts_.n_gpu_layers < 0 ? 999 : opts_.n_gpu_layers;
+    ggml_backend_dev_t kv_dev = kv_cache_device(mp.n_gpu_layers);
+    const DeviceMemory mem_at_start = device_memory(kv_dev);
     model_ = llama_model_load_from_file(opts_.model.c_str(), mp);
     if (!model_) throw std::runtime_error("failed to load model " + opts_.model);
     vocab_ = llama_model_get_vocab(model_);
@@ -59,8 +62,24 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     const uint32_t base = opts_.n_threads > 0 ? (uint32_t) opts_.n_threads : hw;
     const uint32_t vision_threads = opts_.n_vision_threads > 0 ? (uint32_t) opts_.n_vision_threads : std::max(1u, base / 4);
     const uint32_t threads = opts_.n_threads > 0 || opts_.mmproj.empty() ? base : std::max(1u, hw - vision_threads);
+
+    // The vision encoder loads before the KV cache is sized: its weights and buffers (allocated by
+    // the warm-up) take memory the KV cache cannot have.
+    const bool size_by_memory = opts_.n_ctx == 0 && opts_.kv_cache_bytes == 0;
+    if (!opts_.mmproj.empty()) {
+        mtmd_context_params mparams = mtmd_context_params_default();
+        mparams.use_gpu = opts_.n_gpu_layers != 0;
+        mparams.n_threads = (int) vision_threads;
+        mparams.print_timings = false;
+        mparams.warmup = size_by_memory;
+        mtmd_ = mtmd_init_from_file(opts_.mmproj.c_str(), model_, mparams);
+        if (!mtmd_) {
+            llama_model_free(model_);
+            throw std::runtime_error("failed to load mmproj " + opts_.mmproj);
+        }
+    }
+
     llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = opts_.n_ctx;
     cp.n_batch = std::max(opts_.n_batch, opts_.max_seqs);
     cp.n_ubatch = std::min<uint32_t>(cp.n_batch, 512);
     cp.n_seq_max = opts_.max_seqs;
@@ -68,26 +87,41 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     cp.n_threads_batch = threads;
     cp.kv_unified = true;  // one pool of cells shared by all sequences
     cp.no_perf = true;
+    try {
+        KvCacheRequest kv;
+        kv.tokens = opts_.n_ctx;
+        kv.bytes = opts_.kv_cache_bytes;
+        kv.memory_fraction = opts_.memory_fraction;
+        const uint32_t longest = opts_.max_model_len > 0 ? opts_.max_model_len : (uint32_t) llama_model_n_ctx_train(model_);
+        kv.min_cells = longest;
+        kv.max_cells = (uint32_t) std::min<uint64_t>((uint64_t) longest * opts_.max_seqs, UINT32_MAX / 2);
+        kv.model_path = opts_.model;
+        if (!opts_.mmproj.empty()) {
+            std::error_code ec;
+            kv.vision_bytes = std::filesystem::file_size(opts_.mmproj, ec);  // counted only in host memory
+            if (ec) kv.vision_bytes = 0;
+        }
+        cp.n_ctx = plan_kv_cache(kv, mp, cp, kv_dev, mem_at_start, device_memory(kv_dev), info_.kv_cache);
+    } catch (...) {
+        if (mtmd_) mtmd_free(mtmd_);
+        llama_model_free(model_);
+        throw;
+    }
     ctx_ = llama_init_from_model(model_, cp);
     if (!ctx_) {
+        if (mtmd_) mtmd_free(mtmd_);
         llama_model_free(model_);
-        throw std::runtime_error("failed to create llama context (n_ctx " + std::to_string(opts_.n_ctx) + ")");
+        throw std::runtime_error("failed to create llama context (KV cache of " + std::to_string(cp.n_ctx) + " tokens)");
     }
     opts_.n_batch = llama_n_batch(ctx_);
     max_model_len_ = opts_.max_model_len > 0 ? std::min(opts_.max_model_len, llama_n_ctx(ctx_)) : llama_n_ctx(ctx_);
+    const ContextBytes live = context_bytes(ctx_, kv_dev);
+    info_.kv_cache.tokens = llama_n_ctx(ctx_);
+    info_.kv_cache.bytes = live.kv;
+    info_.kv_cache.compute_bytes = live.compute;
+    if (info_.kv_cache.tokens > 0) info_.kv_cache.bytes_per_token = (double) live.kv / info_.kv_cache.tokens;
 
-    if (!opts_.mmproj.empty()) {
-        mtmd_context_params mparams = mtmd_context_params_default();
-        mparams.use_gpu = opts_.n_gpu_layers != 0;
-        mparams.n_threads = (int) vision_threads;
-        mparams.print_timings = false;
-        mparams.warmup = false;
-        mtmd_ = mtmd_init_from_file(opts_.mmproj.c_str(), model_, mparams);
-        if (!mtmd_) {
-            llama_free(ctx_);
-            llama_model_free(model_);
-            throw std::runtime_error("failed to load mmproj " + opts_.mmproj);
-        }
+    if (mtmd_) {
         vision_ = std::make_unique<VisionWorker>(mtmd_, llama_model_n_embd_inp(model_), opts_.image_cache_bytes, [this] {
             {
                 std::lock_guard<std::mutex> lk(mu_);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "chat.h"
+#include "kv-plan.h"
 #include "llama.h"
 #include "mtmd.h"
 #include "sequence.h"
@@ -34,6 +35,7 @@ struct EngineInfo {
     uint32_t max_seqs = 0;
     int32_t n_layers = 0;          // repeating layers + output layer, as llama.cpp counts for offload
     int32_t n_gpu_layers = 0;      // of those, on a GPU
+    KvCacheReport kv_cache;
 };
 
 struct ChatMessage {

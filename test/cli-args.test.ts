@@ -73,7 +73,8 @@ t.test('serve flags -> config -> engine options', async (t) => {
   t.equal(d.port, 8000);
   t.equal(d.host, undefined, 'all interfaces by default, as vLLM');
   t.equal(d.maxModelLen, 8192);
-  t.equal(d.kvCacheTokens, 32768);
+  t.same(d.kvCache, {}, 'no KV cache flag given');
+  t.equal(engineOptionsFor(d, []).nCtx, 32768, 'without a GPU the KV cache holds 32768 tokens');
   t.equal(d.maxNumSeqs, 16);
   t.equal(d.logLevel, 'info');
 
@@ -81,8 +82,7 @@ t.test('serve flags -> config -> engine options', async (t) => {
     '--max-model-len', '65536', '--max_num_seqs=4', '--max-num-batched-tokens', '512', '--threads', '8', '--n-gpu-layers', '0',
     '--seed', '42', '--chat-template', '{{ messages }}', '--uvicorn-log-level', 'warning']);
   t.same(c.servedModelNames, ['caprl']);
-  t.equal(c.kvCacheTokens, 65536, 'the KV cache grows to hold one max-length request');
-  t.same(engineOptionsFor(c), {
+  t.same(engineOptionsFor(c, []), {
     model, mmproj, nCtx: 65536, maxModelLen: 65536, maxSeqs: 4, nBatch: 512, nThreads: 8, nGpuLayers: 0, chatTemplate: '{{ messages }}',
   });
   t.equal(c.seed, 42);

@@ -41,7 +41,7 @@ async function serve(args: string[]): Promise<Running> {
 t.test('caprl serve MODEL --mmproj P --served-model-name caprl', async (t) => {
   const { model, mmproj } = await tinyModel();
   const s = await serve([model, '--mmproj', mmproj, '--host', '127.0.0.1', '--port', '0', '--served-model-name', 'caprl',
-    '--max_model_len=2048', '--max-num-seqs', '4', '--threads', '2']);
+    '--max_model_len=2048', '--max-num-seqs', '4', '--threads', '2', '--gpu-memory-utilization', '0.5']);
   t.teardown(() => { if (s.child.exitCode === null) s.child.kill('SIGKILL'); });
   const client = new OpenAI({ baseURL: s.baseURL, apiKey: 'x', maxRetries: 0 });
   const models = await client.models.list();
@@ -52,15 +52,18 @@ t.test('caprl serve MODEL --mmproj P --served-model-name caprl', async (t) => {
   s.child.kill('SIGINT');
   t.equal(await s.exited, 0, 'SIGINT: clean exit');
   t.ok(s.output.some((l) => /shut down/.test(l)));
+  t.ok(s.output.some((l) => /KV cache: 32768 tokens, .* on CPU .* sized by a token count/.test(l)), 'no GPU: the KV cache in tokens');
+  t.ok(s.output.some((l) => /--gpu-memory-utilization has no effect here: no GPU holds the KV cache/.test(l)));
 });
 
 t.test('SIGTERM, and --model given as a flag', async (t) => {
   const { model } = await tinyModel();
-  const s = await serve(['--model', model, '--host', '127.0.0.1', '--port', '0']);
+  const s = await serve(['--model', model, '--host', '127.0.0.1', '--port', '0', '--kv-cache-memory-bytes', '5242880']);
   const client = new OpenAI({ baseURL: s.baseURL, apiKey: 'x', maxRetries: 0 });
   t.same((await client.models.list()).data.map((m) => m.id), [model], 'served name defaults to the model path');
   s.child.kill('SIGTERM');
   t.equal(await s.exited, 0);
+  t.ok(s.output.some((l) => /KV cache: 10240 tokens, .* sized by --kv-cache-memory-bytes/.test(l)), '5 MiB of KV cache: 10240 tokens of 512 bytes');
 });
 
 t.test('usage errors exit 2 naming the problem', async (t) => {

@@ -21,8 +21,8 @@ t.test("CapRL's vllm serve command line, verbatim", async (t) => {
   t.equal(c.host, '0.0.0.0');
   t.same(c.vllm.apiKeys, []);
   t.equal(c.vllm.limitImagesPerPrompt, 999, "vLLM V1's default");
-  t.equal(c.vllm.notes.length, 2, 'one note per flag without effect');
-  t.match(c.vllm.notes.join('\n'), /--gpu-memory-utilization 0\.95 is accepted but has no effect/);
+  t.equal(c.vllm.notes.length, 1, 'one note per flag without effect');
+  t.equal(c.kvCache.gpuMemoryUtilization, 0.95, '--gpu-memory-utilization sizes the KV cache where a GPU holds it');
   t.match(c.vllm.notes.join('\n'), /--trust-remote-code is accepted but has no effect/);
 });
 

@@ -8,8 +8,18 @@ export interface EngineOptions {
   model: string;
   /** Path of the mmproj (vision) GGUF; without it, image requests are refused. */
   mmproj?: string;
-  /** Total KV cache size in tokens, shared by all sequences. */
-  nCtx: number;
+  /**
+   * The KV cache (one pool of cells shared by all sequences) is sized by exactly one of nCtx,
+   * kvCacheBytes and memoryFraction. nCtx: its size in tokens.
+   */
+  nCtx?: number;
+  /** As many tokens as fit these bytes (vLLM's --kv-cache-memory-bytes). */
+  kvCacheBytes?: number;
+  /**
+   * The engine's share of the memory of the device that holds the KV cache (vLLM's
+   * --gpu-memory-utilization): weights, vision encoder, compute buffers and KV cache together.
+   */
+  memoryFraction?: number;
   /** Longest sequence (prompt + output) in tokens; default nCtx. */
   maxModelLen?: number;
   /** Most sequences decoded at once (slots). */
@@ -139,6 +149,35 @@ export interface EngineInfo {
   /** Layers llama.cpp can offload (repeating layers + output) and how many sit on a GPU. */
   nLayers: number;
   nGpuLayers: number;
+  kvCache: KvCacheInfo;
+}
+
+/** How the KV cache was sized and what it costs on the device that holds it. */
+export interface KvCacheInfo {
+  sizedBy: 'tokens' | 'bytes' | 'memory-fraction';
+  /** e.g. "CUDA0" or "CPU". */
+  device: string;
+  onGpu: boolean;
+  deviceTotalBytes: number;
+  /** Free before the engine loaded anything. */
+  deviceFreeBytes: number;
+  tokens: number;
+  /** KV buffers as allocated. */
+  bytes: number;
+  bytesPerToken: number;
+  /** llama.cpp's compute buffers on that device. */
+  computeBytes: number;
+  /** Memory-fraction sizing: weights, vision encoder and runtime counted against the share. */
+  nonKvBytes: number;
+  memoryFraction: number;
+}
+
+/** A GPU ggml can use (none on a CPU build). */
+export interface GpuDevice {
+  name: string;
+  description: string;
+  totalBytes: number;
+  freeBytes: number;
 }
 
 export interface ChatTemplateMessage {
@@ -171,6 +210,8 @@ export interface NativeAddon {
   Engine: NativeEngineConstructor;
   /** Builds info: llama.cpp commit, CUDA on/off. */
   buildInfo(): { llamaCommit: string; cuda: boolean; system: string };
+  /** The GPUs this build sees, before any engine is created. */
+  gpuDevices(): GpuDevice[];
   /** A vision encoder on its own, for tests and benchmarks comparing ours with llama.cpp's. */
   VisionEncoder: NativeVisionEncoderConstructor;
 }

@@ -13,7 +13,7 @@ import { parseShard, ShardSpecError, type Shard } from './shard.js';
 
 /** `caprl serve` flags that choose and size the engine. */
 const ENGINE_FLAG_NAMES = [
-  'model', 'mmproj', 'revision', 'download-dir', 'dtype', 'quantization', 'max-model-len', 'kv-cache-tokens',
+  'model', 'mmproj', 'revision', 'download-dir', 'dtype', 'quantization', 'max-model-len', 'kv-cache-tokens', 'kv-cache-memory-bytes', 'gpu-memory-utilization',
   'max-num-seqs', 'max-num-batched-tokens', 'threads', 'n-gpu-layers', 'chat-template', 'served-model-name',
 ];
 

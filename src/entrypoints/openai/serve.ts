@@ -5,7 +5,9 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import sharp from 'sharp';
 import { Engine } from '../../engine/engine.js';
-import type { EngineOptions } from '../../engine/native-types.js';
+import type { EngineOptions, GpuDevice } from '../../engine/native-types.js';
+import { loadAddon } from '../../engine/native.js';
+import { DEFAULT_KV_CACHE_TOKENS, checkKvCacheFlags, describeKvCache, kvCacheOnGpu, kvCacheSizing, type KvCacheFlags } from './kv-cache-sizing.js';
 import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
 import { buildServer } from './server.js';
 import { ADMISSION_FLAGS, admissionConfigFromArgs, type AdmissionConfig } from './admission.js';
@@ -17,7 +19,6 @@ import { VLLM_COMPAT_FLAGS, vllmCompatConfig, type VllmCompatConfig } from './vl
 export const SERVE_DEFAULTS = {
   port: 8000,
   maxModelLen: 8192,
-  kvCacheTokens: 32768,
   maxNumSeqs: 16,
   maxNumBatchedTokens: 2048,
   threads: 0,
@@ -37,7 +38,8 @@ export const SERVE_SPEC: CommandSpec = {
     { name: 'port', type: 'int', dest: 'port', help: `port to listen on (default: ${SERVE_DEFAULTS.port})` },
     { name: 'served-model-name', type: 'strings', dest: 'servedModelName', metavar: 'NAME', help: 'model name(s) clients use in `model`; the first is the default (default: the model path)' },
     { name: 'max-model-len', type: 'int', dest: 'maxModelLen', help: `context length per request, prompt + completion, in tokens (default: ${SERVE_DEFAULTS.maxModelLen})` },
-    { name: 'kv-cache-tokens', type: 'int', dest: 'kvCacheTokens', help: `KV cache size in tokens, shared by all running requests (default: max(${SERVE_DEFAULTS.kvCacheTokens}, --max-model-len))` },
+    { name: 'kv-cache-tokens', type: 'int', dest: 'kvCacheTokens', help: `KV cache size in tokens, shared by all running requests (default: sized by --gpu-memory-utilization where a GPU holds it, else max(${DEFAULT_KV_CACHE_TOKENS}, --max-model-len))` },
+    { name: 'kv-cache-memory-bytes', type: 'int', dest: 'kvCacheMemoryBytes', metavar: 'BYTES', help: 'KV cache size in bytes, as vLLM: as many tokens as fit (overrides --gpu-memory-utilization)' },
     { name: 'max-num-seqs', type: 'int', dest: 'maxNumSeqs', help: `most requests decoded together (default: ${SERVE_DEFAULTS.maxNumSeqs})` },
     { name: 'max-num-batched-tokens', type: 'int', dest: 'maxNumBatchedTokens', help: `most tokens in one engine step (default: ${SERVE_DEFAULTS.maxNumBatchedTokens})` },
     { name: 'threads', type: 'int', dest: 'threads', help: 'CPU threads (default: 0 = llama.cpp picks)' },
@@ -57,7 +59,8 @@ export interface ServeConfig {
   port: number;
   servedModelNames: string[];
   maxModelLen: number;
-  kvCacheTokens: number;
+  /** KV cache flags as given; engineOptionsFor settles the size once it knows the devices. */
+  kvCache: KvCacheFlags;
   maxNumSeqs: number;
   maxNumBatchedTokens: number;
   threads: number;
@@ -123,10 +126,12 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
   const port = int(values, 'port') ?? SERVE_DEFAULTS.port;
   if (port < 0 || port > 65535) throw new CliUsageError(`argument --port: must be in [0, 65535], got ${port}`);
   const maxModelLen = positive('maxModelLen', 'max-model-len', SERVE_DEFAULTS.maxModelLen);
-  const kvCacheTokens = positive('kvCacheTokens', 'kv-cache-tokens', Math.max(SERVE_DEFAULTS.kvCacheTokens, maxModelLen));
-  if (kvCacheTokens < maxModelLen) {
-    throw new CliUsageError(`--kv-cache-tokens (${kvCacheTokens}) must be at least --max-model-len (${maxModelLen})`);
-  }
+  const gmu = values.gpuMemoryUtilization;
+  const kvCache = checkKvCacheFlags({
+    tokens: int(values, 'kvCacheTokens'),
+    bytes: int(values, 'kvCacheMemoryBytes'),
+    gpuMemoryUtilization: typeof gmu === 'number' ? gmu : undefined,
+  }, maxModelLen);
   const threads = int(values, 'threads') ?? SERVE_DEFAULTS.threads;
   if (threads < 0) throw new CliUsageError(`argument --threads: must be non-negative, got ${threads}`);
   const chatTemplateRaw = str(values, 'chatTemplate');
@@ -138,7 +143,7 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
     port,
     servedModelNames: Array.isArray(served) && served.length > 0 ? served : [model],
     maxModelLen,
-    kvCacheTokens,
+    kvCache,
     maxNumSeqs: positive('maxNumSeqs', 'max-num-seqs', SERVE_DEFAULTS.maxNumSeqs),
     maxNumBatchedTokens: positive('maxNumBatchedTokens', 'max-num-batched-tokens', SERVE_DEFAULTS.maxNumBatchedTokens),
     threads,
@@ -151,12 +156,15 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
   };
 }
 
-/** EngineOptions for a config: --kv-cache-tokens sizes the shared KV pool, --max-model-len each request. */
-export function engineOptionsFor(cfg: ServeConfig): EngineOptions {
+/**
+ * EngineOptions for a config: the KV cache flags size the shared pool (kv-cache-sizing.ts: which
+ * applies depends on whether one of `gpus` holds it), --max-model-len each request.
+ */
+export function engineOptionsFor(cfg: ServeConfig, gpus: readonly GpuDevice[] = loadAddon().gpuDevices()): EngineOptions {
   return {
     model: cfg.model,
     mmproj: cfg.mmproj,
-    nCtx: cfg.kvCacheTokens,
+    ...kvCacheSizing(cfg.kvCache, cfg.maxModelLen, kvCacheOnGpu(gpus, cfg.nGpuLayers)),
     maxModelLen: cfg.maxModelLen,
     maxSeqs: cfg.maxNumSeqs,
     nBatch: cfg.maxNumBatchedTokens,
@@ -234,8 +242,12 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   app.log.info(
     `serving ${cfg.servedModelNames.map((n) => `"${n}"`).join(', ')} on ${address}/v1 ` +
     `(model ${cfg.model}${cfg.mmproj ? ` + ${cfg.mmproj}` : ''}; max_model_len ${Math.min(cfg.maxModelLen, info.nCtx)}, ` +
-    `KV cache ${info.nCtx} tokens, ${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'}; ${info.nGpuLayers}/${info.nLayers} layers on GPU)`,
+    `${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'}; ${info.nGpuLayers}/${info.nLayers} layers on GPU)`,
   );
+  app.log.info(describeKvCache(info.kvCache));
+  if (cfg.kvCache.gpuMemoryUtilization !== undefined && info.kvCache.sizedBy !== 'memory-fraction') {
+    app.log.warn(`--gpu-memory-utilization has no effect here: ${info.kvCache.onGpu ? 'the KV cache size is given' : 'no GPU holds the KV cache'}`);
+  }
 
   return new Promise<number>((resolve) => {
     const shutdown = new GracefulShutdown(app, engine, { graceMs: cfg.admission.shutdownTimeoutMs, log: app.log });

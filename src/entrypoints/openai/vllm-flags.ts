@@ -1,13 +1,14 @@
 // The `vllm serve` flags that caprl serve takes so that a vLLM command line works unchanged:
-// the ones with an effect here (--api-key, --limit-mm-per-prompt, --mm-processor-kwargs,
-// --allowed-local-media-path, --max-logprobs, --disable-log-requests), the ones accepted and
-// checked but without effect (--trust-remote-code, --gpu-memory-utilization,
-// --enable-prefix-caching, --enable-log-requests), and the parallelism flags, where only 1 makes
-// sense for one process on one device. docs/vllm-parity.md lists every flag with its status.
+// the ones with an effect here (--api-key, --gpu-memory-utilization, --limit-mm-per-prompt,
+// --mm-processor-kwargs, --allowed-local-media-path, --max-logprobs, --disable-log-requests), the
+// ones accepted and checked but without effect (--trust-remote-code, --enable-prefix-caching,
+// --enable-log-requests), and the parallelism flags, where only 1 makes sense for one process on
+// one device. docs/vllm-parity.md lists every flag with its status.
 import { realpathSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { LLAMA_CPP_QWEN25VL_LIMITS } from '../../images/qwen-resize.js';
 import { CliUsageError, type FlagSpec, type ParsedValue } from '../cli-args.js';
+import { VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, checkGpuMemoryUtilization } from './kv-cache-sizing.js';
 
 /** vLLM V1's default per-modality limit (MultiModalConfig.limit_per_prompt: "999 (V1)"). */
 export const VLLM_DEFAULT_MM_LIMIT = 999;
@@ -18,7 +19,7 @@ export const VLLM_COMPAT_FLAGS: FlagSpec[] = [
   { name: 'api-key', type: 'strings', dest: 'apiKey', metavar: 'KEY', help: 'require `Authorization: Bearer KEY` on /v1/* (one or more keys; default: $VLLM_API_KEY, else no key)' },
   { name: 'tensor-parallel-size', aliases: ['tp'], type: 'int', dest: 'tensorParallelSize', help: 'must be 1: one process drives one device (vLLM compatibility)' },
   { name: 'pipeline-parallel-size', aliases: ['pp'], type: 'int', dest: 'pipelineParallelSize', help: 'must be 1 (vLLM compatibility)' },
-  { name: 'gpu-memory-utilization', type: 'float', dest: 'gpuMemoryUtilization', help: 'accepted for vLLM compatibility, no effect yet: the KV cache is sized by --kv-cache-tokens' },
+  { name: 'gpu-memory-utilization', type: 'float', dest: 'gpuMemoryUtilization', help: `share of the GPU's memory for this server (weights, vision encoder, buffers and KV cache), which sizes the KV cache (default: ${VLLM_DEFAULT_GPU_MEMORY_UTILIZATION}; no effect where no GPU holds the cache)` },
   { name: 'trust-remote-code', type: 'bool', dest: 'trustRemoteCode', help: 'accepted for vLLM compatibility, no effect: no model code is ever run from the model folder' },
   { name: 'enable-prefix-caching', type: 'bool', dest: 'enablePrefixCaching', help: 'accepted for vLLM compatibility, no effect: prompts are not cached across requests (n choices share one prefill)' },
   { name: 'limit-mm-per-prompt', type: 'string', dest: 'limitMmPerPrompt', metavar: 'JSON', help: `most images per request: '{"image": 4}' or image=4 (default: ${VLLM_DEFAULT_MM_LIMIT}, as vLLM V1)` },
@@ -137,13 +138,7 @@ export function vllmCompatConfig(values: Record<string, ParsedValue>, env: NodeJ
   }
 
   const gmu = values.gpuMemoryUtilization;
-  if (typeof gmu === 'number') {
-    if (!(gmu > 0 && gmu <= 1)) throw new CliUsageError(`argument --gpu-memory-utilization: must be in (0, 1], got ${gmu}`);
-    notes.push(
-      `--gpu-memory-utilization ${gmu} is accepted but has no effect yet: the KV cache holds --kv-cache-tokens tokens ` +
-      '(the engine does not report free device memory to size it from; on CPU the flag means nothing)',
-    );
-  }
+  if (typeof gmu === 'number') checkGpuMemoryUtilization(gmu);  // before any download; serve.ts applies it
   if (given(values, 'trustRemoteCode')) {
     notes.push('--trust-remote-code is accepted but has no effect: caprl serve never runs code from a model folder');
   }

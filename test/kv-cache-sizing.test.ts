@@ -1,0 +1,97 @@
+// KV cache sizing: in tokens, in bytes (--kv-cache-memory-bytes) and as a share of the device's
+// memory (--gpu-memory-utilization), on the real engine. Here the device is the CPU; on a GPU the
+// same code reads the GPU's memory (bench/gpu.sh runs it there).
+import t from 'tap';
+import { Engine } from '../src/engine/engine.js';
+import type { EngineOptions } from '../src/engine/native-types.js';
+import { describeKvCache, kvCacheOnGpu, kvCacheSizing } from '../src/entrypoints/openai/kv-cache-sizing.js';
+import { tinyModel } from './helpers/models.js';
+
+// The tiny model's KV cache: 2 layers x (K + V) x 2 KV heads x 32 dims x 2 bytes (f16).
+const TINY_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 32 * 2;
+const MAX_MODEL_LEN = 2048;
+const MAX_SEQS = 4;
+
+async function open(sizing: Partial<EngineOptions>): Promise<Engine> {
+  const { model, mmproj } = await tinyModel();
+  return new Engine({ model, mmproj, ...sizing, maxModelLen: MAX_MODEL_LEN, maxSeqs: MAX_SEQS, nBatch: 512, nThreads: 1, logLevel: 'error' });
+}
+
+/** A short greedy request, to show the engine serves with the cache it sized. */
+async function serves(engine: Engine): Promise<number> {
+  let n = 0;
+  const gen = engine.generate({
+    prompt: '<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n', images: [], n: 1,
+    sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
+      seed: -1, maxTokens: 8, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1 },
+  });
+  for await (const ev of gen) n += ev.tokens.length;
+  return n;
+}
+
+t.test('the flags pick the sizing as vLLM does', async (t) => {
+  t.same(kvCacheSizing({}, 8192, true), { memoryFraction: 0.9 }, 'a GPU holds the cache: 0.9 of its memory by default');
+  t.same(kvCacheSizing({ gpuMemoryUtilization: 0.5 }, 8192, true), { memoryFraction: 0.5 });
+  t.same(kvCacheSizing({ gpuMemoryUtilization: 0.5, bytes: 1 << 30 }, 8192, true), { kvCacheBytes: 1 << 30 }, 'bytes override the share');
+  t.same(kvCacheSizing({ gpuMemoryUtilization: 0.5, tokens: 10000 }, 8192, true), { nCtx: 10000 }, 'a token count wins');
+  t.same(kvCacheSizing({ gpuMemoryUtilization: 0.5 }, 8192, false), { nCtx: 32768 }, 'no GPU: the share means nothing');
+  t.same(kvCacheSizing({}, 65536, false), { nCtx: 65536 }, 'no GPU: at least one --max-model-len request');
+  t.same(kvCacheSizing({ bytes: 4096 }, 8192, false), { kvCacheBytes: 4096 }, 'bytes apply in host memory too');
+  const gpu = { name: 'CUDA0', description: 'NVIDIA H100', totalBytes: 80e9, freeBytes: 79e9 };
+  t.equal(kvCacheOnGpu([gpu], -1), true);
+  t.equal(kvCacheOnGpu([gpu], 0), false, '--n-gpu-layers 0 keeps the KV cache in host memory');
+  t.equal(kvCacheOnGpu([], -1), false);
+});
+
+t.test('a token count', async (t) => {
+  const engine = await open({ nCtx: 4096 });
+  t.teardown(() => engine.close());
+  const kv = engine.info.kvCache;
+  t.equal(kv.sizedBy, 'tokens');
+  t.equal(kv.tokens, 4096);
+  t.equal(engine.info.nCtx, 4096);
+  t.equal(kv.bytesPerToken, TINY_KV_BYTES_PER_TOKEN, 'bytes per token as the model shape says');
+  t.equal(kv.bytes, 4096 * TINY_KV_BYTES_PER_TOKEN, 'what llama.cpp allocated');
+  t.equal(kv.device, 'CPU');
+});
+
+t.test('a byte budget (--kv-cache-memory-bytes)', async (t) => {
+  const budget = 3 * 1024 * 1024 + 1000; // not a multiple of a token's bytes nor of the 256-cell padding
+  const engine = await open({ kvCacheBytes: budget });
+  t.teardown(() => engine.close());
+  const kv = engine.info.kvCache;
+  t.equal(kv.sizedBy, 'bytes');
+  t.equal(kv.tokens, Math.floor(budget / TINY_KV_BYTES_PER_TOKEN / 256) * 256, 'as many tokens as fit, in whole 256-cell pages');
+  t.ok(kv.bytes <= budget, `allocated ${kv.bytes} bytes within the ${budget} asked for`);
+  t.equal(engine.info.nCtx, kv.tokens);
+  t.equal(await serves(engine), 8);
+  t.equal(describeKvCache(kv), 'KV cache: 6144 tokens, 0.00 GiB on CPU (0.5 KiB/token), sized by --kv-cache-memory-bytes', 'the start-up line');
+
+  await t.rejects(open({ kvCacheBytes: 100 * TINY_KV_BYTES_PER_TOKEN }), /holds 0 tokens, fewer than one request of --max-model-len 2048/);
+});
+
+t.test('a share of the device memory (--gpu-memory-utilization)', async (t) => {
+  // A generous share: the cache stops at every sequence at its longest.
+  const roomy = await open({ memoryFraction: 0.05 });
+  const big = roomy.info.kvCache;
+  await roomy.close();
+  t.equal(big.sizedBy, 'memory-fraction');
+  t.equal(big.tokens, MAX_SEQS * MAX_MODEL_LEN, 'capped at max-num-seqs x max-model-len');
+  t.ok(big.nonKvBytes > 0, 'weights and vision counted');
+
+  // A tight share, half the cache's bytes short of that: the share binds.
+  const footprint = big.nonKvBytes + big.computeBytes + big.bytes;
+  const share = (footprint - big.bytes / 2) / big.deviceTotalBytes;
+  const engine = await open({ memoryFraction: share });
+  t.teardown(() => engine.close());
+  const kv = engine.info.kvCache;
+  t.ok(kv.tokens < big.tokens, `${kv.tokens} tokens: fewer than the cap`);
+  t.ok(kv.tokens >= MAX_MODEL_LEN, 'room for one longest request');
+  t.equal(kv.tokens % 256, 0);
+  const used = kv.nonKvBytes + kv.computeBytes + kv.bytes;
+  t.ok(used <= share * kv.deviceTotalBytes, `the engine's ${used} bytes fit its share of ${Math.floor(share * kv.deviceTotalBytes)}`);
+  t.ok(used > share * kv.deviceTotalBytes - 2 * 256 * (TINY_KV_BYTES_PER_TOKEN + 2048), 'and use it, up to a page or two of cells');
+  t.equal(await serves(engine), 8);
+
+  await t.rejects(open({ memoryFraction: 1e-6 }), /one request of --max-model-len 2048 needs .* raise --gpu-memory-utilization or lower --max-model-len/);
+});
