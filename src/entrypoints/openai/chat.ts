@@ -11,7 +11,7 @@ import { ImageInputError } from '../../images/errors.js';
 import { loadImageBytes, type ImageSourceOptions } from '../../images/image-source.js';
 import { prepareImage, type PrepareOptions } from '../../images/prepare.js';
 import { qwenImageTokens } from '../../images/qwen-resize.js';
-import { badRequest, serviceUnavailable, toApiError, type ApiError } from './errors.js';
+import { badRequest, serviceUnavailable, type ApiError } from './errors.js';
 import {
   choiceFailure, collectChoices, finishToResponse, SeedSource, startGeneration, usageOf, type Finish,
 } from './generation.js';
@@ -249,8 +249,7 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
     const writer = new SseWriter(res);
     const chunks = new ChatChunkBuilder(id, created, req.model, req.includeUsage);
     const finishes: Finish[] = [];
-    try {
-      writer.start();
+    await writer.run(async () => {
       let open = true;
       // vLLM opens every choice with its role chunk first.
       for (let i = 0; i < n && open; i++) open = await writer.send(chunks.role(i));
@@ -281,16 +280,10 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
         else if (req.includeUsage) await writer.send(chunks.usage(usage));
         await writer.done();
       }
-    } catch (err) {
+    }, (err) => {
       gen.cancel();
       request.log.error({ err, id }, 'streaming failed');
-      if (!writer.isClosed) {
-        await writer.send(toApiError(err).toJSON()).catch(() => false);
-        await writer.done().catch(() => undefined);
-      }
-    } finally {
-      writer.end();
-    }
+    });
     return undefined;
   };
 }

@@ -10,7 +10,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine, Generation } from '../../engine/engine.js';
 import type { TokenLogprob } from '../../engine/native-types.js';
 import { clampLogprob } from './chat.js';
-import { badRequest, serviceUnavailable, toApiError, type ApiError } from './errors.js';
+import { badRequest, serviceUnavailable, type ApiError } from './errors.js';
 import {
   addUsage, choiceFailure, collectChoices, finishToResponse, SeedSource, startGeneration, usageOf, type Finish,
 } from './generation.js';
@@ -204,8 +204,7 @@ export function createCompletionsHandler(opts: CompletionsHandlerOptions) {
       });
     };
     const finishes: Finish[][] = gens.map(() => []);
-    try {
-      writer.start();
+    await writer.run(async () => {
       await Promise.all(gens.map(async (gen, p) => {
         const offsets = new Array<number>(n).fill(0);
         for await (const ev of gen) {
@@ -245,16 +244,10 @@ export function createCompletionsHandler(opts: CompletionsHandlerOptions) {
         }
         await writer.done();
       }
-    } catch (err) {
+    }, (err) => {
       for (const g of gens) g.cancel();
       request.log.error({ err, id }, 'streaming failed');
-      if (!writer.isClosed) {
-        await writer.send(toApiError(err).toJSON()).catch(() => false);
-        await writer.done().catch(() => undefined);
-      }
-    } finally {
-      writer.end();
-    }
+    });
     return undefined;
   };
 }

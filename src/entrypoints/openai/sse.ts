@@ -6,6 +6,7 @@
 //   data: [DONE]\n\n
 // With include_usage every chunk carries "usage": null except the last, as OpenAI does.
 import type { ServerResponse } from 'node:http';
+import { toApiError } from './errors.js';
 import type {
   ChatCompletionChunk, ChoiceLogprobs, CompletionChunk, ErrorResponse, ResponseFinishReason, Usage,
 } from './protocol.js';
@@ -72,6 +73,25 @@ export class SseWriter {
 
   get isClosed(): boolean {
     return this.closed || this.res.destroyed;
+  }
+
+  /**
+   * Opens the stream and runs `body`. If it throws, `onError` is told (to cancel the generation
+   * and log) and the stream ends with the error object, then [DONE]; the response always ends.
+   */
+  async run(body: () => Promise<void>, onError: (err: unknown) => void): Promise<void> {
+    try {
+      this.start();
+      await body();
+    } catch (err) {
+      onError(err);
+      if (!this.isClosed) {
+        await this.send(toApiError(err).toJSON()).catch(() => false);
+        await this.done().catch(() => undefined);
+      }
+    } finally {
+      this.end();
+    }
   }
 
   start(headers: Record<string, string> = {}): void {
