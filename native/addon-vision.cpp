@@ -76,7 +76,7 @@ class VisionEncoderWrap : public Napi::ObjectWrap<VisionEncoderWrap> {
             p.use_gpu = use_gpu;
             p.n_threads = n_threads;
             p.print_timings = false;
-            p.warmup = false;  // as the engine (flash attention stays off in clip)
+            p.warmup = false;  // clip then sizes its buffers (and turns flash attention on where supported) at the first image
             mtmd_ = mtmd_init_from_file(mmproj.c_str(), model_, p);
             if (!mtmd_) throw std::runtime_error("cannot load " + mmproj);
             n_embd_ = projection_dim(mmproj);

@@ -192,6 +192,10 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         opts.chat_template = get_string(o, "chatTemplate");
         opts.log_level = get_string(o, "logLevel", "warn");
         opts.image_cache_bytes = (size_t) get_number(o, "imageCacheBytes", (double) opts.image_cache_bytes);
+        opts.vision_encoder = get_string(o, "visionEncoder", opts.vision_encoder);
+        if (opts.vision_encoder != "llama.cpp" && opts.vision_encoder != "caprl") {
+            throw Napi::RangeError::New(env, "visionEncoder must be 'llama.cpp' or 'caprl'");
+        }
         if (opts.model.empty()) throw Napi::TypeError::New(env, "options.model is required");
         if (opts.max_seqs < 1 || opts.n_ctx < 16 || opts.n_batch < 1) throw Napi::RangeError::New(env, "nCtx, maxSeqs and nBatch must be positive");
 

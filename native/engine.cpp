@@ -77,6 +77,16 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
             llama_model_free(model_);
             throw std::runtime_error("failed to load mmproj " + opts_.mmproj);
         }
+        // Our batched encoder (issue 8) encodes; mtmd still tokenizes and decodes the embeddings.
+        if (opts_.vision_encoder == "caprl") {
+            try {
+                caprl_vision_ = std::make_unique<QwenVisionEncoder>(opts_.mmproj, mparams.use_gpu, (int) vision_threads);
+            } catch (...) {
+                mtmd_free(mtmd_);
+                llama_model_free(model_);
+                throw;
+            }
+        }
     }
 
     llama_context_params cp = llama_context_default_params();
@@ -122,7 +132,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     if (info_.kv_cache.tokens > 0) info_.kv_cache.bytes_per_token = (double) live.kv / info_.kv_cache.tokens;
 
     if (mtmd_) {
-        vision_ = std::make_unique<VisionWorker>(mtmd_, llama_model_n_embd_inp(model_), opts_.image_cache_bytes, [this] {
+        vision_ = std::make_unique<VisionWorker>(mtmd_, caprl_vision_.get(), llama_model_n_embd_inp(model_), opts_.image_cache_bytes, [this] {
             {
                 std::lock_guard<std::mutex> lk(mu_);
                 vision_ready_ = true;
@@ -439,11 +449,15 @@ void Engine::admit() {
 }
 
 void Engine::submit_images(Sequence & seq) {
-    // Encode every image now, off this thread; decoding goes on meanwhile.
+    // Encode every image now, off this thread; decoding goes on meanwhile. The k-th image part
+    // is the request's k-th image (our encoder preprocesses the pixels itself).
+    size_t k = 0;
     for (auto & part : seq.parts) {
         if (!part.media) continue;
         part.vision_key = next_vision_key_++;
-        vision_->submit(part.vision_key, seq.chunks, part.media);
+        const Image * img = k < seq.req.images.size() ? &seq.req.images[k] : nullptr;
+        k++;
+        vision_->submit(part.vision_key, seq.chunks, part.media, img);
     }
 }
 

@@ -92,6 +92,7 @@ class Engine {
     llama_context * ctx_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
     mtmd_context * mtmd_ = nullptr;
+    std::unique_ptr<QwenVisionEncoder> caprl_vision_;  // EngineOptions::vision_encoder "caprl"; outlives vision_
     std::unique_ptr<VisionWorker> vision_;
     uint64_t next_vision_key_ = 1;
     common_chat_templates_ptr templates_;

@@ -87,6 +87,7 @@ struct EngineOptions {
     std::string chat_template;
     std::string log_level = "warn";
     size_t image_cache_bytes = 256u << 20;  // image-embedding cache; 0 = off
+    std::string vision_encoder = "llama.cpp";  // or "caprl": our batched Qwen2.5-VL encoder (native/qwen-vision-encoder.cpp)
 };
 
 struct EngineStats {

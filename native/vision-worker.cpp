@@ -1,11 +1,19 @@
 #include "vision-worker.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <exception>
 
 namespace caprl {
 
-VisionWorker::VisionWorker(mtmd_context * mtmd, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready)
-    : mtmd_(mtmd), n_embd_(n_embd), on_ready_(std::move(on_ready)), cache_limit_(cache_bytes) {
+namespace {
+// Patches per pass of our encoder: enough for several large images (a 1024x1024 image is 5476
+// patches) while keeping the graph's activations to a few GB for the 3B model's tower.
+constexpr int64_t kBatchPatches = 32768;
+}  // namespace
+
+VisionWorker::VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready)
+    : mtmd_(mtmd), encoder_(encoder), n_embd_(n_embd), on_ready_(std::move(on_ready)), cache_limit_(cache_bytes) {
     thread_ = std::thread([this] { loop(); });
 }
 
@@ -19,7 +27,7 @@ VisionWorker::~VisionWorker() {
     if (thread_.joinable()) thread_.join();
 }
 
-void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk) {
+void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, const Image * image) {
     const char * id = mtmd_input_chunk_get_id(chunk);
     {
         std::lock_guard<std::mutex> lk(mu_);
@@ -29,7 +37,9 @@ void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chu
             done_.emplace(key, std::move(cached));
         } else {
             if (id && cache_limit_ > 0) misses_++;
-            queue_.push_back({key, std::move(owner), chunk});
+            std::shared_ptr<const Image> copy;
+            if (encoder_ && image) copy = std::make_shared<const Image>(*image);
+            queue_.push_back({key, std::move(owner), chunk, std::move(copy)});
             cv_.notify_one();
             return;
         }
@@ -74,35 +84,71 @@ void VisionWorker::drop(uint64_t key) {
     if (done_.erase(key)) return;
     const auto before = queue_.size();
     queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const Job & j) { return j.key == key; }), queue_.end());
-    if (queue_.size() == before && busy_key_ == key) dropped_.insert(key);
+    if (queue_.size() == before && busy_.count(key)) dropped_.insert(key);
+}
+
+std::vector<VisionWorker::Result> VisionWorker::encode(const std::vector<Job> & jobs) {
+    std::vector<Result> results(jobs.size(), Result{false, {}});
+    if (!encoder_ || !jobs[0].image) {
+        Result & r = results[0];
+        r.ok = mtmd_encode_chunk(mtmd_, jobs[0].chunk) == 0;
+        if (r.ok) {
+            const float * out = mtmd_get_output_embd(mtmd_);
+            r.embd.assign(out, out + (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[0].chunk));
+        }
+        return results;
+    }
+    std::vector<const Image *> images;
+    for (const Job & j : jobs) images.push_back(j.image.get());
+    try {
+        std::vector<std::vector<float>> embd = encoder_->encode(images);
+        for (size_t i = 0; i < jobs.size(); i++) {
+            // The rows must be the ones mtmd planned for the chunk (same canvas rule), or the
+            // prompt's positions would not match.
+            results[i].ok = embd[i].size() == (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[i].chunk);
+            if (results[i].ok) results[i].embd = std::move(embd[i]);
+        }
+    } catch (const std::exception & e) {
+        fprintf(stderr, "caprl vision encoder: %s\n", e.what());
+    }
+    return results;
 }
 
 void VisionWorker::loop() {
     for (;;) {
-        Job job;
+        std::vector<Job> jobs;
         {
             std::unique_lock<std::mutex> lk(mu_);
             cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
             if (stopping_) return;
-            job = std::move(queue_.front());
-            queue_.pop_front();
-            busy_key_ = job.key;
+            // mtmd: one image. Our encoder: every queued image that fits the patch budget (at least one).
+            const bool ours = encoder_ && queue_.front().image;
+            int64_t patches = 0;
+            while (!queue_.empty()) {
+                Job & next = queue_.front();
+                if (!jobs.empty() && (!ours || !next.image)) break;
+                int64_t n = 0;
+                try {
+                    n = ours ? QwenVisionEncoder::n_patches(*next.image) : 0;
+                } catch (const std::exception &) {}  // the encoder reports the bad image
+                if (!jobs.empty() && patches + n > kBatchPatches) break;
+                patches += n;
+                busy_.insert(next.key);
+                jobs.push_back(std::move(next));
+                queue_.pop_front();
+            }
         }
-        Result r{mtmd_encode_chunk(mtmd_, job.chunk) == 0, {}};
-        if (r.ok) {
-            const float * out = mtmd_get_output_embd(mtmd_);
-            const size_t n = (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(job.chunk);
-            r.embd.assign(out, out + n);
-        }
-        const char * id = mtmd_input_chunk_get_id(job.chunk);
-        const std::string cache_id = id ? id : "";
-        job.owner.reset();
+        std::vector<Result> results = encode(jobs);
         {
             std::lock_guard<std::mutex> lk(mu_);
-            busy_key_ = 0;
-            if (r.ok && !cache_id.empty()) cache_put(cache_id, r.embd);
-            if (!dropped_.erase(job.key)) done_.emplace(job.key, std::move(r));
+            for (size_t i = 0; i < jobs.size(); i++) {
+                const char * id = mtmd_input_chunk_get_id(jobs[i].chunk);
+                busy_.erase(jobs[i].key);
+                if (results[i].ok && id) cache_put(id, results[i].embd);
+                if (!dropped_.erase(jobs[i].key)) done_.emplace(jobs[i].key, std::move(results[i]));
+            }
         }
+        jobs.clear();  // releases the chunks (their owners may be gone)
         on_ready_();
     }
 }

@@ -1,9 +1,12 @@
 // Encodes image chunks on a thread of its own, so the decode loop never waits on the vision
 // encoder: the engine submits every image of a request when it is admitted and decodes the
-// embeddings into the KV cache once they are ready.
+// embeddings into the KV cache once they are ready. With our own encoder (QwenVisionEncoder),
+// every queued image, up to a patch budget, is encoded in one pass.
 #pragma once
 
 #include "mtmd.h"
+#include "qwen-vision-encoder.h"
+#include "types.h"
 
 #include <atomic>
 #include <condition_variable>
@@ -27,12 +30,14 @@ class VisionWorker {
   public:
     // on_ready is called (from the worker thread) after each encode, successful or not.
     // Encoded embeddings are kept in an LRU cache of at most cache_bytes, keyed by the chunk's id
-    // (the engine sets it to a hash of the image's pixels and size).
-    VisionWorker(mtmd_context * mtmd, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready);
+    // (the engine sets it to a hash of the image's pixels and size). With `encoder` (may be null),
+    // images are encoded by it, in batches, instead of by mtmd/clip one at a time.
+    VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready);
     ~VisionWorker();  // drops pending work and joins
 
-    // Queues one image chunk; `owner` keeps it alive while queued or being encoded.
-    void submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk);
+    // Queues one image chunk; `owner` keeps it alive while queued or being encoded. `image` is the
+    // chunk's RGB image (copied; needed only with our encoder, which preprocesses it itself).
+    void submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, const Image * image = nullptr);
     // If the chunk is encoded, moves its embeddings out (empty on failure) and returns true.
     bool take(uint64_t key, std::vector<float> & embd, bool & ok);
     // Forgets a chunk whose request ended; its result, if any, is discarded.
@@ -46,17 +51,21 @@ class VisionWorker {
         uint64_t key;
         SharedChunks owner;
         const mtmd_input_chunk * chunk;
+        std::shared_ptr<const Image> image;
     };
     struct Result {
         bool ok;
         std::vector<float> embd;
     };
     void loop();
+    // Encodes a batch of jobs with encoder_ (all of them in one pass) or mtmd (a batch of one).
+    std::vector<Result> encode(const std::vector<Job> & jobs);
     // Cache, guarded by mu_.
     bool cache_get(const std::string & id, std::vector<float> & out);
     void cache_put(const std::string & id, const std::vector<float> & embd);
 
     mtmd_context * mtmd_;
+    QwenVisionEncoder * encoder_;
     int32_t n_embd_;
     std::function<void()> on_ready_;
     std::mutex mu_;
@@ -64,7 +73,7 @@ class VisionWorker {
     std::deque<Job> queue_;
     std::unordered_map<uint64_t, Result> done_;
     std::unordered_set<uint64_t> dropped_;
-    uint64_t busy_key_ = 0;
+    std::unordered_set<uint64_t> busy_;  // keys being encoded
     size_t cache_limit_;
     size_t cache_bytes_ = 0;
     std::list<std::pair<std::string, std::vector<float>>> lru_;  // most recent first

@@ -8,9 +8,12 @@ import type { EngineImage, NativeVisionEncoder } from '../src/engine/native-type
 import { syntheticRgb } from '../bench/images.js';
 import { relError } from '../bench/stats.js';
 import { tinyModel } from './helpers/models.js';
+import { pngDataUri, startTestServer } from './helpers/server.js';
 
-// f32 vs f16 K/V in attention (ours uses flash attention with f16 K/V, clip here f32 mul_mat):
-// measured ~1e-3 on the tiny model. A wrong window permutation, rope or merge order is O(1).
+// Both use flash attention with f16 K/V; clip runs it over the whole image with a window mask,
+// ours over each window, so the f16/f32 sums differ slightly: measured <= 1e-3 on the tiny model
+// (0 where every window is full). Deliberate bugs measured at 0.11-0.14 (rope x/y swapped),
+// 0.13-0.18 (window padding not masked), 0.57-0.62 (merged rows left in window order).
 const BOUND = 1e-2;
 
 // 56x84 and 308x196 are resized by llama.cpp's rule (too small / not on the 28 px grid); the
@@ -50,4 +53,30 @@ t.test('caprl encoder refuses what it cannot encode', async (t) => {
   t.throws(() => new addon.VisionEncoder({ model, mmproj: model, encoder: 'caprl' }), /qwen2.5vl_merger|mmproj/);
   const ours = new addon.VisionEncoder({ model, mmproj, encoder: 'caprl', nThreads: 1 });
   t.throws(() => ours.encode([{ width: 10, height: 10, rgb: Buffer.alloc(5) }]), /does not match/);
+});
+
+t.test('greedy captions through the server: --vision-encoder caprl equals llama.cpp', async (t) => {
+  const engine = { nThreads: 1, nVisionThreads: 1 };
+  const ref = await startTestServer({ engine });
+  t.teardown(() => ref.close());
+  const ours = await startTestServer({ engine: { ...engine, visionEncoder: 'caprl' } });
+  t.teardown(() => ours.close());
+
+  // Concurrent requests, one with two images, so the worker has several images queued at once.
+  const uris = await Promise.all(sizes.map(([w, h]) => pngDataUri(w, h)));
+  const requests = [[0], [1, 2], [3], [4], [2]].map((imgs) => ({
+    model: 'caprl',
+    messages: [{ role: 'user' as const, content: [
+      ...imgs.map((k) => ({ type: 'image_url' as const, image_url: { url: uris[k] } })),
+      { type: 'text' as const, text: 'Describe the image.' },
+    ] }],
+    temperature: 0,
+    max_tokens: 12,
+  }));
+  const run = (s: typeof ref) => Promise.all(requests.map((r) => s.client.chat.completions.create(r)));
+  const [a, b] = [await run(ref), await run(ours)];
+  for (let i = 0; i < requests.length; i++) {
+    t.equal(b[i].usage?.completion_tokens, 12);
+    t.equal(b[i].choices[0].message.content, a[i].choices[0].message.content, `request ${i}: same greedy text`);
+  }
 });

@@ -38,6 +38,11 @@ export interface EngineOptions {
   logLevel?: string;
   /** Bytes of image embeddings kept for reuse (keyed by pixels and size); default 256 MiB, 0 = off. */
   imageCacheBytes?: number;
+  /**
+   * Which vision encoder computes image embeddings: 'llama.cpp' (mtmd/clip, one image at a time;
+   * the default) or 'caprl' (native/qwen-vision-encoder.cpp: every queued image in one batched pass).
+   */
+  visionEncoder?: VisionEncoderKind;
 }
 
 /** Per-request sampling, already validated and defaulted by JS. */

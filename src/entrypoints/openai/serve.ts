@@ -5,7 +5,7 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import sharp from 'sharp';
 import { Engine } from '../../engine/engine.js';
-import type { EngineOptions, GpuDevice } from '../../engine/native-types.js';
+import type { EngineOptions, GpuDevice, VisionEncoderKind } from '../../engine/native-types.js';
 import { loadAddon } from '../../engine/native.js';
 import { DEFAULT_KV_CACHE_TOKENS, checkKvCacheFlags, describeKvCache, kvCacheOnGpu, kvCacheSizing, type KvCacheFlags } from './kv-cache-sizing.js';
 import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
@@ -44,6 +44,7 @@ export const SERVE_SPEC: CommandSpec = {
     { name: 'max-num-batched-tokens', type: 'int', dest: 'maxNumBatchedTokens', help: `most tokens in one engine step (default: ${SERVE_DEFAULTS.maxNumBatchedTokens})` },
     { name: 'threads', type: 'int', dest: 'threads', help: 'CPU threads (default: 0 = llama.cpp picks)' },
     { name: 'n-gpu-layers', type: 'int', dest: 'nGpuLayers', help: 'layers offloaded to the GPU, -1 = all (default: -1; ignored on CPU builds)' },
+    { name: 'vision-encoder', type: 'string', dest: 'visionEncoder', choices: ['llama.cpp', 'caprl'], help: "image encoder: llama.cpp's clip (one image at a time) or caprl's batched Qwen2.5-VL encoder (default: llama.cpp)" },
     { name: 'chat-template', type: 'string', dest: 'chatTemplate', metavar: 'FILE_OR_TEMPLATE', help: "jinja chat template overriding the model's: a file path or the template itself" },
     { name: 'seed', type: 'int', dest: 'seed', help: 'server-wide seed: requests without `seed` draw reproducible seeds from it' },
     { name: 'uvicorn-log-level', type: 'string', dest: 'logLevel', choices: ['critical', 'error', 'warning', 'info', 'debug', 'trace'], help: `HTTP server log level (default: ${SERVE_DEFAULTS.logLevel})` },
@@ -65,6 +66,8 @@ export interface ServeConfig {
   maxNumBatchedTokens: number;
   threads: number;
   nGpuLayers: number;
+  /** Unset: the engine's default (llama.cpp). */
+  visionEncoder?: VisionEncoderKind;
   chatTemplate?: string;
   seed?: number;
   logLevel: string;
@@ -148,6 +151,7 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
     maxNumBatchedTokens: positive('maxNumBatchedTokens', 'max-num-batched-tokens', SERVE_DEFAULTS.maxNumBatchedTokens),
     threads,
     nGpuLayers: int(values, 'nGpuLayers') ?? SERVE_DEFAULTS.nGpuLayers,
+    visionEncoder: str(values, 'visionEncoder') as VisionEncoderKind | undefined,
     chatTemplate: chatTemplateRaw === undefined ? undefined : resolveChatTemplate(chatTemplateRaw),
     seed: int(values, 'seed'),
     logLevel: FASTIFY_LEVELS[str(values, 'logLevel') ?? SERVE_DEFAULTS.logLevel] ?? 'info',
@@ -170,6 +174,7 @@ export function engineOptionsFor(cfg: ServeConfig, gpus: readonly GpuDevice[] = 
     nBatch: cfg.maxNumBatchedTokens,
     nThreads: cfg.threads,
     nGpuLayers: cfg.nGpuLayers,
+    visionEncoder: cfg.visionEncoder,
     chatTemplate: cfg.chatTemplate,
   };
 }
