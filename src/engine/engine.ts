@@ -58,7 +58,18 @@ export class Generation implements AsyncIterable<EngineEvent> {
     if (!this.done) this.cancelFn(this.id);
   }
 
-  async *[Symbol.asyncIterator](): AsyncIterator<EngineEvent> {
+  private through: AsyncIterator<EngineEvent> | undefined;
+
+  /** Makes every reader of this generation read its events through `fn` (the metrics observer); call before reading. */
+  readThrough(fn: (events: AsyncIterable<EngineEvent>) => AsyncIterator<EngineEvent>): void {
+    this.through = fn({ [Symbol.asyncIterator]: () => this.events() });
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<EngineEvent> {
+    return this.through ?? this.events();
+  }
+
+  private async *events(): AsyncIterator<EngineEvent> {
     let left = this.n;
     for (;;) {
       const ev = this.queue.shift();
@@ -72,9 +83,13 @@ export class Generation implements AsyncIterable<EngineEvent> {
   }
 }
 
+/** Told of every Generation that Engine.generate starts, before generate returns it. */
+export type GenerationListener = (gen: Generation, input: GenerateInput) => void;
+
 export class Engine {
   private readonly native: NativeEngine;
   private readonly live = new Map<number, Generation>();
+  private readonly listeners = new Set<GenerationListener>();
   private nextId = 1;
   private closed = false;
   readonly info: EngineInfo;
@@ -111,7 +126,14 @@ export class Engine {
         gen.onDone(() => signal.removeEventListener('abort', onAbort));
       }
     }
+    for (const listener of this.listeners) listener(gen, input);
     return gen;
+  }
+
+  /** Calls `listener` with every Generation started from now on (metrics, timeouts); returns its removal. */
+  onGeneration(listener: GenerationListener): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
   }
 
   get liveCount(): number {

@@ -7,15 +7,15 @@
 //   x-request-id            a client's (or proxy's) X-Request-Id is kept as the request id and echoed
 // Every generation a request's handler starts (engine.generate, from any route) is measured and
 // timed without the handler's help: the handler runs inside an AsyncLocalStorage scope holding
-// the request's state, and the app's engine hands each new Generation to the observer, which
-// reads its events as the handler reads them (src/metrics/observe.ts).
+// the request's state, the engine tells the app of each new Generation (Engine.onGeneration), and
+// the observer reads its events as the handler reads them (Generation.readThrough, src/metrics/observe.ts).
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { randomUUID } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine, GenerateInput, Generation } from '../../engine/engine.js';
 import { ServerMetrics } from '../../metrics/metrics.js';
-import { observeGeneration as observeEvents, type ChoiceSummary, type ObservableGeneration } from '../../metrics/observe.js';
+import { observeGeneration as observeEvents, type ChoiceSummary } from '../../metrics/observe.js';
 import { ADMISSION_DEFAULTS, Admission, queueFullError, shuttingDownError, timeoutError } from './admission.js';
 
 export interface OperationsOptions {
@@ -53,34 +53,17 @@ interface RequestState {
   /** Handed to the engine (observe was called). */
   generating: boolean;
   /** Its generations (a /v1/completions prompt list starts several). */
-  gens: ObservableGeneration[];
+  gens: Generation[];
   timer?: NodeJS.Timeout;
   timedOut: boolean;
   images: number;
   choices: ChoiceSummary[];
-  /** The app's observer. */
+  /** The app's observer (apps sharing an engine each see only their own requests' generations). */
   observe: (st: RequestState, gen: Generation, input: GenerateInput) => void;
 }
 
 /** The state of the request whose handler is running (set around every handler). */
 const current = new AsyncLocalStorage<RequestState>();
-const wrapped = new WeakSet<Engine>();
-
-/**
- * Makes engine.generate hand every Generation started inside a request's handler to that
- * request's observer (once per engine, whatever number of apps share it).
- */
-function observeEngine(engine: Engine): void {
-  if (wrapped.has(engine)) return;
-  wrapped.add(engine);
-  const generate = engine.generate.bind(engine);
-  engine.generate = (input: GenerateInput, signal?: AbortSignal): Generation => {
-    const gen = generate(input, signal);
-    const st = current.getStore();
-    if (st) st.observe(st, gen, input);
-    return gen;
-  };
-}
 
 const REQUEST_ID_RE = /^[\w.:@/+=-]{1,128}$/;
 
@@ -124,21 +107,24 @@ export function installOperations(app: FastifyInstance, ctx: OperationsContext):
     st.gens.push(gen);
     st.images += input.images.length;
     // Every consumer of the Generation (for await) reads it through the observer from now on.
-    const read = gen[Symbol.asyncIterator].bind(gen);
-    const inner: ObservableGeneration = { n: gen.n, cancel: () => gen.cancel(), [Symbol.asyncIterator]: read };
-    const observed = observeEvents(metrics, inner, {
+    gen.readThrough((events) => observeEvents(metrics, { n: gen.n, cancel: () => gen.cancel(), [Symbol.asyncIterator]: () => events[Symbol.asyncIterator]() }, {
       arrivedAt: st.arrivedAt,
       parsedAt: st.parsedAt,
       images: input.images.length,
       maxTokens: input.sampling.maxTokens,
       abortError: () => (st.timedOut ? timeoutError(timeoutMs) : undefined),
       onChoiceFinished: (c) => st.choices.push(c),
-    });
-    gen[Symbol.asyncIterator] = () => observed;
+    }));
     // Timed out while its images were being prepared: it ends at once, as a 504.
     if (st.timedOut) gen.cancel();
   };
-  observeEngine(engine);
+  const stopObserving = engine.onGeneration((gen, input) => {
+    const st = current.getStore();
+    if (st?.observe === observe) observe(st, gen, input);
+  });
+  app.addHook('onClose', async () => {
+    stopObserving();
+  });
 
   const refuse = (reply: FastifyReply, status: number, body: unknown, headers: Record<string, string>): FastifyReply =>
     reply.code(status).headers(headers).type('application/json').send(body);
