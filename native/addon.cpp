@@ -85,6 +85,15 @@ Request to_request(const Napi::Object & o) {
     return r;
 }
 
+Napi::Object to_js(Napi::Env env, const Timings & t) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("queued", t.queued);
+    if (t.prefill) o.Set("prefill", *t.prefill);
+    if (t.decode) o.Set("decode", *t.decode);
+    if (t.image_encode) o.Set("imageEncode", *t.image_encode);
+    return o;
+}
+
 Napi::Value to_js(Napi::Env env, const Event & ev) {
     Napi::Object o = Napi::Object::New(env);
     o.Set("id", Napi::Number::New(env, (double) ev.id));
@@ -123,6 +132,7 @@ Napi::Value to_js(Napi::Env env, const Event & ev) {
         if (!f.error.empty()) fo.Set("error", f.error);
         if (f.stopped_by_text) fo.Set("stoppedBy", *f.stopped_by_text);
         else if (f.stopped_by_token) fo.Set("stoppedBy", *f.stopped_by_token);
+        if (f.timings) fo.Set("timings", to_js(env, *f.timings));
         o.Set("finish", fo);
     }
     return o;
@@ -321,6 +331,10 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("preemptions", (double) s.preemptions);
         o.Set("imageCacheHits", (double) s.image_cache_hits);
         o.Set("imageCacheMisses", (double) s.image_cache_misses);
+        Napi::Array step_tokens = Napi::Array::New(env, s.step_tokens.size());
+        for (size_t k = 0; k < s.step_tokens.size(); k++) step_tokens.Set((uint32_t) k, (double) s.step_tokens[k]);
+        o.Set("stepTokens", step_tokens);
+        o.Set("stepTokensSum", (double) s.step_tokens_sum);
         return o;
     }
 

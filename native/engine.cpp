@@ -34,6 +34,12 @@ void log_to_stderr(enum ggml_log_level level, const char * text, void *) {
     fputs(text, stderr);
 }
 
+using Clock = std::chrono::steady_clock;
+
+double seconds_between(Clock::time_point from, Clock::time_point to) {
+    return std::chrono::duration<double>(to - from).count();
+}
+
 }  // namespace
 
 int32_t PromptPart::n_cells() const {
@@ -187,6 +193,7 @@ Engine::~Engine() {
 }
 
 void Engine::submit(Request && req) {
+    req.arrived = Clock::now();
     {
         std::lock_guard<std::mutex> lk(mu_);
         inbox_.push_back(std::move(req));
@@ -228,6 +235,8 @@ EngineStats Engine::stats() const {
     s.preemptions = preemptions_;
     s.image_cache_hits = vision_ ? vision_->cache_hits() : 0;
     s.image_cache_misses = vision_ ? vision_->cache_misses() : 0;
+    for (size_t k = 0; k < s.step_tokens.size(); k++) s.step_tokens[k] = step_tokens_[k];
+    s.step_tokens_sum = step_tokens_sum_;
     return s;
 }
 
@@ -442,6 +451,7 @@ void Engine::admit() {
         seq.sampler = std::make_unique<Sampler>(vocab_, seq.req.sampling, eog_);
         seq.text = std::make_unique<TextStream>(seq.req.sampling.stop);
         seq.pending.id = seq.req.id;
+        seq.admitted = Clock::now();
         prompt_tokens_total_ += seq.prompt_cells;
         submit_images(seq);
         running_.push_back(std::move(seq));
@@ -536,8 +546,10 @@ bool Engine::prefill_image(Sequence & seq) {
     PromptPart & part = seq.parts[seq.part];
     std::vector<float> embd;
     bool ok = false;
-    if (!vision_->take(part.vision_key, embd, ok)) return false;
+    double encode_seconds = 0;
+    if (!vision_->take(part.vision_key, embd, ok, encode_seconds)) return false;
     part.vision_key = 0;
+    seq.image_encode_seconds += encode_seconds;
     if (!ok) {
         finish(seq, "error", "the vision encoder failed on this image");
         return true;
@@ -575,11 +587,14 @@ bool Engine::step() {
 
     // Encoded images first: at most one per step, so a step's cost stays bounded.
     bool progress = !out_.empty();
+    uint32_t step_tokens = 0;  // image-embedding rows and batch tokens decoded this step
     for (auto & seq : running_) {
         if (seq.finished || !seq.prefilling() || !seq.parts[seq.part].media) continue;
         const int32_t cells = seq.parts[seq.part].n_cells();
         if (!seq.pinned && (cells > free_cells || !may_start_resume(seq, free_cells))) continue;
+        const int32_t cells_before = seq.n_cells;
         if (prefill_image(seq)) {
+            step_tokens += (uint32_t) (seq.n_cells - cells_before);  // 0 if it failed
             if (!seq.pinned) free_cells -= cells;
             progress = true;
             break;
@@ -641,6 +656,7 @@ bool Engine::step() {
             }
         } else {
             steps_++;
+            step_tokens += (uint32_t) batch_.n_tokens;
             last_batch_seqs_ = decoding;
             decoded_seqs_total_ += decoding;
             if (decoding > max_batch_seqs_) max_batch_seqs_ = decoding;
@@ -648,6 +664,7 @@ bool Engine::step() {
         }
     }
 
+    count_step_tokens(step_tokens);
     for (auto & seq : running_) {
         if (!seq.pending.tokens.empty() || !seq.pending.text.empty() || seq.pending.finish) {
             out_.push_back(std::move(seq.pending));
@@ -690,6 +707,8 @@ Sequence Engine::fork_choice(const Sequence & parent, int32_t index, llama_seq_i
     Sequence c;
     c.req.id = parent.req.id;
     c.req.sampling = parent.req.sampling;
+    c.req.arrived = parent.req.arrived;
+    c.admitted = parent.admitted;
     if (c.req.sampling.seed >= 0) c.req.sampling.seed += index;  // distinct but reproducible streams
     c.index = index;
     c.pinned = true;
@@ -714,6 +733,8 @@ void Engine::sample_one(Sequence & seq, int32_t row) {
                                                 std::max(sp.logprobs, 0));
     seq.n_generated++;
     generation_tokens_total_++;
+    seq.last_token = Clock::now();
+    if (seq.n_generated == 1) seq.first_token = seq.last_token;
 
     const bool is_stop_id = std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), tok) != sp.stop_token_ids.end();
     if (is_stop_id && seq.n_generated > sp.min_tokens) {
@@ -748,12 +769,14 @@ void Engine::sample_one(Sequence & seq, int32_t row) {
 void Engine::finish(Sequence & seq, const std::string & reason, const std::string & error) {
     if (seq.finished) return;
     seq.finished = true;
+    const Timings timings = timings_of(seq);
     // Choices never forked (the request ended during its prefill) end the same way.
     for (size_t k = 0; k < seq.choice_seq_ids.size(); k++) {
         Event ev;
         ev.id = seq.req.id;
         ev.index = (int32_t) k + 1;
         ev.finish = Finish{reason, seq.prompt_cells, 0, error};
+        ev.finish->timings = Timings{timings.queued};
         out_.push_back(std::move(ev));
         free_seq_ids_.push_back(seq.choice_seq_ids[k]);
         reserved_cells_ -= seq.choice_reserved_cells;
@@ -766,7 +789,33 @@ void Engine::finish(Sequence & seq, const std::string & reason, const std::strin
     f.completion_tokens = seq.n_generated;
     f.error = error;
     if (seq.text && seq.text->matched()) f.stopped_by_text = *seq.text->matched();
+    f.timings = timings;
     seq.pending.finish = f;
+}
+
+Timings Engine::timings_of(const Sequence & seq) const {
+    // As vLLM: queued ends at the first admission (a preempted sequence is not queued again; the
+    // time it waits to resume counts in its prefill or decode); prefill and decode exist once a
+    // token was sampled, decode ending at the last one (an abort's finish comes later).
+    Timings t;
+    t.queued = seconds_between(seq.req.arrived, seq.admitted);
+    if (seq.n_generated > 0) {
+        t.prefill = seconds_between(seq.admitted, seq.first_token);
+        t.decode = seconds_between(seq.first_token, seq.last_token);
+    }
+    // The images belong to the request, reported once, on choice 0 (forks carry no prompt parts).
+    if (std::any_of(seq.parts.begin(), seq.parts.end(), [](const PromptPart & p) { return p.media != nullptr; })) {
+        t.image_encode = seq.image_encode_seconds;
+    }
+    return t;
+}
+
+void Engine::count_step_tokens(uint32_t tokens) {
+    if (tokens == 0) return;
+    size_t k = 0;
+    while (k + 1 < step_tokens_.size() && (uint64_t{1} << k) < tokens) k++;
+    step_tokens_[k]++;
+    step_tokens_sum_ += tokens;
 }
 
 void Engine::release_finished() {

@@ -11,6 +11,7 @@
 #include "types.h"
 #include "vision-worker.h"
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -81,6 +82,8 @@ class Engine {
     // Ends every choice of a request that never got a sequence (cancelled while waiting, bad prompt).
     void end_unadmitted(const Request & req, const std::string & reason, int32_t prompt_tokens = 0, const std::string & error = "");
     void finish(Sequence & seq, const std::string & reason, const std::string & error = "");
+    Timings timings_of(const Sequence & seq) const;
+    void count_step_tokens(uint32_t tokens);  // one engine step's tokens into the step_tokens histogram
     void release_finished();
     void emit(std::vector<Event> && events);
 
@@ -127,6 +130,8 @@ class Engine {
     std::atomic<uint64_t> prompt_tokens_total_{0};
     std::atomic<uint64_t> generation_tokens_total_{0};
     std::atomic<uint64_t> preemptions_{0};
+    std::array<std::atomic<uint64_t>, 32> step_tokens_{};  // EngineStats::step_tokens
+    std::atomic<uint64_t> step_tokens_sum_{0};
 };
 
 }  // namespace caprl

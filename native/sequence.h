@@ -51,6 +51,10 @@ struct Sequence {
     std::vector<llama_token> generated;    // every sampled token handed to decode, in order
     bool resume_pending = false;           // the prefill in progress re-creates generated tokens
 
+    // For Finish::timings (steady clock). Admission happens once: a preempted sequence stays here.
+    std::chrono::steady_clock::time_point admitted{}, first_token{}, last_token{};
+    double image_encode_seconds = 0;  // vision worker time on this sequence's images so far
+
     std::unique_ptr<Sampler> sampler;
     std::unique_ptr<TextStream> text;
     Event pending;          // output gathered this step

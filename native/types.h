@@ -1,6 +1,8 @@
 // Plain data crossing the JS/C++ boundary (mirrors src/engine/native-types.ts).
 #pragma once
 
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -37,6 +39,7 @@ struct Request {
     std::string prompt;
     std::vector<Image> images;
     SamplingParams sampling;
+    std::chrono::steady_clock::time_point arrived{};  // set by Engine::submit (entry into the inbox)
 };
 
 struct TopLogprob {
@@ -52,6 +55,15 @@ struct TokenLogprob {
     std::vector<TopLogprob> top;
 };
 
+// One choice's time in the engine, seconds on the monotonic clock, split as vLLM splits a request
+// (queue, prefill, decode). Absent for a request that never got a sequence.
+struct Timings {
+    double queued = 0;                    // inbox -> admitted into a sequence
+    std::optional<double> prefill;        // admitted -> first token sampled (waiting on images included); none if no token
+    std::optional<double> decode;         // first -> last token sampled
+    std::optional<double> image_encode;   // vision worker time on the request's images (choice 0 of a request with images)
+};
+
 struct Finish {
     std::string reason;  // stop | length | abort | error
     int32_t prompt_tokens = 0;
@@ -59,6 +71,7 @@ struct Finish {
     std::string error;
     std::optional<std::string> stopped_by_text;
     std::optional<int32_t> stopped_by_token;
+    std::optional<Timings> timings;
 };
 
 struct Event {
@@ -104,6 +117,10 @@ struct EngineStats {
     uint64_t preemptions = 0;
     uint64_t image_cache_hits = 0;
     uint64_t image_cache_misses = 0;
+    // Tokens per engine step (prompt, decode and image-embedding rows decoded): step_tokens[k] counts
+    // the steps with 2^(k-1) < tokens <= 2^k (k = 0: one token), so any power-of-two buckets are exact.
+    std::array<uint64_t, 32> step_tokens{};
+    uint64_t step_tokens_sum = 0;
 };
 
 }  // namespace caprl

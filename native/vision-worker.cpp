@@ -1,6 +1,7 @@
 #include "vision-worker.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <exception>
 
@@ -69,11 +70,12 @@ void VisionWorker::cache_put(const std::string & id, const std::vector<float> & 
     }
 }
 
-bool VisionWorker::take(uint64_t key, std::vector<float> & embd, bool & ok) {
+bool VisionWorker::take(uint64_t key, std::vector<float> & embd, bool & ok, double & seconds) {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = done_.find(key);
     if (it == done_.end()) return false;
     ok = it->second.ok;
+    seconds = it->second.seconds;
     embd = std::move(it->second.embd);
     done_.erase(it);
     return true;
@@ -138,7 +140,11 @@ void VisionWorker::loop() {
                 queue_.pop_front();
             }
         }
+        const auto t0 = std::chrono::steady_clock::now();
         std::vector<Result> results = encode(jobs);
+        // A batch's images are ready together: each waited the whole pass.
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        for (Result & r : results) r.seconds = seconds;
         {
             std::lock_guard<std::mutex> lk(mu_);
             for (size_t i = 0; i < jobs.size(); i++) {

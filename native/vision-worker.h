@@ -38,8 +38,9 @@ class VisionWorker {
     // Queues one image chunk; `owner` keeps it alive while queued or being encoded. `image` is the
     // chunk's RGB image (copied; needed only with our encoder, which preprocesses it itself).
     void submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, const Image * image = nullptr);
-    // If the chunk is encoded, moves its embeddings out (empty on failure) and returns true.
-    bool take(uint64_t key, std::vector<float> & embd, bool & ok);
+    // If the chunk is encoded, moves its embeddings out (empty on failure) and returns true;
+    // seconds: time this worker spent encoding it (0 for a cache hit).
+    bool take(uint64_t key, std::vector<float> & embd, bool & ok, double & seconds);
     // Forgets a chunk whose request ended; its result, if any, is discarded.
     void drop(uint64_t key);
 
@@ -56,6 +57,7 @@ class VisionWorker {
     struct Result {
         bool ok;
         std::vector<float> embd;
+        double seconds = 0;
     };
     void loop();
     // Encodes a batch of jobs with encoder_ (all of them in one pass) or mtmd (a batch of one).

@@ -3,7 +3,7 @@
 import t from 'tap';
 import OpenAI from 'openai';
 import {
-  build125Buckets, REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS,
+  build125Buckets, ITERATION_TOKENS_BUCKETS, PREPROCESS_BUCKETS, REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS,
 } from '../src/metrics/metrics.js';
 import { parseProm, scrape } from './helpers/prom.js';
 import { pngDataUri, startTestServer, waitFor } from './helpers/server.js';
@@ -48,7 +48,12 @@ t.test('metrics on the tiny model', async (t) => {
       ['vllm:time_per_output_token_seconds', 'histogram'],
       ['vllm:request_time_per_output_token_seconds', 'histogram'],
       ['vllm:e2e_request_latency_seconds', 'histogram'],
+      ['vllm:request_queue_time_seconds', 'histogram'],
+      ['vllm:request_prefill_time_seconds', 'histogram'],
       ['vllm:request_decode_time_seconds', 'histogram'],
+      ['vllm:request_inference_time_seconds', 'histogram'],
+      ['vllm:iteration_tokens_total', 'histogram'],
+      ['caprl:image_encode_seconds', 'histogram'],
       ['vllm:request_prompt_tokens', 'histogram'],
       ['vllm:request_generation_tokens', 'histogram'],
       ['vllm:request_params_max_tokens', 'histogram'],
@@ -74,6 +79,13 @@ t.test('metrics on the tiny model', async (t) => {
     t.same(m.buckets('vllm:inter_token_latency_seconds'), TPOT_BUCKETS);
     t.same(m.buckets('vllm:time_per_output_token_seconds'), TPOT_BUCKETS);
     t.same(m.buckets('vllm:e2e_request_latency_seconds'), REQUEST_LATENCY_BUCKETS);
+    for (const name of ['queue', 'prefill', 'decode', 'inference']) {
+      t.same(m.buckets(`vllm:request_${name}_time_seconds`), REQUEST_LATENCY_BUCKETS, `${name} time buckets`);
+    }
+    t.same(m.buckets('vllm:iteration_tokens_total'), ITERATION_TOKENS_BUCKETS);
+    t.same(ITERATION_TOKENS_BUCKETS, [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]);
+    t.same(m.buckets('caprl:image_encode_seconds'), PREPROCESS_BUCKETS);
+    t.ok(m.samples.some((x) => x.name === 'vllm:iteration_tokens_total_count' && x.labels.model_name === 'caprl' && x.labels.engine === '0'), 'iteration tokens labelled');
     t.same(m.buckets('vllm:request_prompt_tokens'), build125Buckets(4000), 'token buckets up to max_model_len');
     t.same(TTFT_BUCKETS.length, 22);
     t.same(TPOT_BUCKETS.length, 19);
@@ -82,7 +94,6 @@ t.test('metrics on the tiny model', async (t) => {
     for (const name of ['process_resident_memory_bytes', 'nodejs_heap_size_used_bytes', 'nodejs_eventloop_lag_seconds']) t.ok(m.has(name), name);
     t.equal(m.value('caprl:kv_cache_total_tokens', L), 4096);
     t.equal(m.value('vllm:num_preemptions_total', L), s.engine.stats().preemptions);
-    t.notOk(m.has('vllm:request_queue_time_seconds_count'), 'queue time is not exported until the engine reports it');
   });
 
   t.test('counts equal what the clients saw', async (t) => {
@@ -148,6 +159,48 @@ t.test('metrics on the tiny model', async (t) => {
     t.equal(o.value('vllm:request_success_total', { model_name: 'other' }), 0);
     t.equal(o.value('vllm:request_success_total', { model_name: 'caprl' }), 0, 'no caprl series in the other registry');
     t.equal(o.value('vllm:prompt_tokens_total'), 0);
+  });
+
+  t.test('engine phase times, tokens per step and image encode time', async (t) => {
+    const image = await pngDataUri(168, 112); // not sent before: its first encode is a cache miss
+    const MAX = 5;
+    const ask = (content: OpenAI.ChatCompletionMessageParam['content'], n = 1) => s.client.chat.completions.create({
+      model: 'caprl', messages: [{ role: 'user', content } as OpenAI.ChatCompletionUserMessageParam], max_tokens: MAX, temperature: 0, ignore_eos: true, n,
+    } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+    const before = await scrape(s.url);
+    const replies = await Promise.all([
+      ask('Text only, one choice'),
+      ask('Text only, two choices', 2),
+      ask([{ type: 'image_url', image_url: { url: image } }, { type: 'text', text: 'Caption this' }]),
+    ]);
+    const m = await scrape(s.url);
+    const d = (name: string, from = before, to = m) => to.value(name, L) - from.value(name, L);
+    const choices = replies.reduce((a, r) => a + r.choices.length, 0);
+    t.equal(choices, 4);
+
+    for (const phase of ['queue', 'prefill', 'decode', 'inference']) {
+      t.equal(d(`vllm:request_${phase}_time_seconds_count`), choices, `${phase}: one observation per choice`);
+    }
+    const [queue, prefill, decode, inference, e2e] = ['queue', 'prefill', 'decode', 'inference', 'e2e']
+      .map((p) => d(p === 'e2e' ? 'vllm:e2e_request_latency_seconds_sum' : `vllm:request_${p}_time_seconds_sum`));
+    t.ok(prefill! > 0 && decode! > 0 && queue! >= 0, `prefill ${prefill}, decode ${decode}, queue ${queue}`);
+    t.ok(Math.abs(inference! - (prefill! + decode!)) < 1e-6, 'inference = prefill + decode');
+    t.ok(queue! + prefill! + decode! <= e2e! + 1e-6, `queue + prefill + decode (${queue! + prefill! + decode!}) within e2e (${e2e})`);
+
+    // Every prompt is decoded once (image rows included) and every sampled token but a choice's last.
+    const tokens = d('vllm:prompt_tokens_total') + d('vllm:generation_tokens_total') - choices;
+    t.equal(d('vllm:iteration_tokens_total_sum'), tokens, 'tokens over the steps = prompts + decoded outputs');
+    t.ok(d('vllm:iteration_tokens_total_count') >= d('caprl:engine_steps_total'), 'every decode step observed');
+    t.equal(m.value('vllm:iteration_tokens_total_bucket', { ...L, le: '+Inf' }), m.value('vllm:iteration_tokens_total_count', L));
+
+    t.equal(d('caprl:image_encode_seconds_count'), 1, 'only the request with an image observes an encode time');
+    t.ok(d('caprl:image_encode_seconds_sum') > 0, 'a first-seen image takes encoder time');
+    // The same image again comes from the embedding cache: observed, with no encoder time.
+    await ask([{ type: 'image_url', image_url: { url: image } }, { type: 'text', text: 'Caption this again' }]);
+    const again = await scrape(s.url);
+    t.equal(d('caprl:image_cache_hits_total', m, again), 1);
+    t.equal(d('caprl:image_encode_seconds_count', m, again), 1);
+    t.equal(d('caprl:image_encode_seconds_sum', m, again), 0, 'a cache hit takes no encoder time');
   });
 
   t.test('running requests, KV cache usage and aborts while a request runs', async (t) => {

@@ -2,11 +2,11 @@
 // turning its batched events into one async stream per request.
 import { loadAddon } from './native.js';
 import type {
-  ChatTemplateMessage, EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats,
+  ChatTemplateMessage, EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats, EngineTimings,
   NativeEngine, SamplingParams,
 } from './native-types.js';
 
-export type { EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats, SamplingParams, ChatTemplateMessage };
+export type { EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats, EngineTimings, SamplingParams, ChatTemplateMessage };
 
 export interface GenerateInput {
   /** Choices sampled from one shared prefill (default 1). */

@@ -114,7 +114,24 @@ export interface EngineEvent {
     error?: string;
     /** The stop string or token id that ended the request, when one did. */
     stoppedBy?: string | number;
+    /** Time in the engine; absent when the request never got a sequence (cancelled while queued, bad prompt). */
+    timings?: EngineTimings;
   };
+}
+
+/**
+ * One choice's time in the engine, in seconds, taken on the engine thread with a monotonic clock;
+ * split as vLLM splits a request.
+ */
+export interface EngineTimings {
+  /** Entered the engine's inbox -> admitted into a sequence (the first time: preemption does not queue again). */
+  queued: number;
+  /** Admitted -> first token sampled (waiting for and running the image encode included); absent without a token. */
+  prefill?: number;
+  /** First -> last token sampled (time preempted included); absent without a token. */
+  decode?: number;
+  /** Time the vision worker spent encoding the request's images (embedding-cache hits 0); on choice 0 of a request with images. */
+  imageEncode?: number;
 }
 
 export interface EngineStats {
@@ -137,6 +154,13 @@ export interface EngineStats {
   /** Images whose embeddings came from the cache (same pixels and size as an earlier image). */
   imageCacheHits: number;
   imageCacheMisses: number;
+  /**
+   * Tokens per engine step (prompt, decode and image-embedding rows decoded), a histogram:
+   * stepTokens[k] counts the steps with 2^(k-1) < tokens <= 2^k (k = 0: one token).
+   */
+  stepTokens: number[];
+  /** Sum of the tokens over those steps. */
+  stepTokensSum: number;
 }
 
 export interface EngineInfo {

@@ -4,17 +4,15 @@
 // under `caprl:`; Node's process metrics come from prom-client's collectDefaultMetrics.
 //
 // Where each value comes from:
-//   engine state (running, waiting, KV cache, token totals, steps): Engine.stats(), read at scrape time;
-//   per-request timings: the JS edge, performance.now() when each engine event reaches the handler
-//     (src/metrics/observe.ts), arrival = the HTTP request's arrival;
-//   not exported, because the engine does not report them yet and guessing would mislead:
-//     vllm:request_queue_time_seconds, vllm:request_prefill_time_seconds,
-//     vllm:request_inference_time_seconds (they need the time the engine admitted the request),
-//     a per-step tokens histogram (vllm:iteration_tokens_total) and the vision-encode time
-//     (they need a per-step report from the engine thread).
-//   image-embedding cache hits and misses: Engine.stats() (caprl:image_cache_*).
+//   engine state (running, waiting, KV cache, token totals, steps, tokens per step, image cache):
+//     Engine.stats(), read at scrape time;
+//   queue, prefill, decode, inference and image-encode times: the engine thread's clock, carried
+//     on each choice's finish (EngineTimings);
+//   the other per-request timings: the JS edge, performance.now() when each engine event reaches
+//     the handler (src/metrics/observe.ts), arrival = the HTTP request's arrival.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { EngineStats, FinishReason } from '../engine/native-types.js';
+import type { EngineStats, EngineTimings, FinishReason } from '../engine/native-types.js';
+import { registerLog2Histogram } from './log2-histogram.js';
 
 /** vLLM's vllm:time_to_first_token_seconds buckets. */
 export const TTFT_BUCKETS = [
@@ -30,9 +28,11 @@ export const REQUEST_LATENCY_BUCKETS = [
   0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
   1920.0, 7680.0,
 ];
+/** vLLM's vllm:iteration_tokens_total buckets (powers of two: the engine counts steps per power of two). */
+export const ITERATION_TOKENS_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384];
 /** vLLM's vllm:request_params_n buckets. */
 export const N_BUCKETS = [1, 2, 5, 10, 20];
-/** Image preparation time (decode + resize), ours: 1 ms .. 20 s. */
+/** Ours, for image preparation (decode + resize) and image encoding: 1 ms .. 20 s. */
 export const PREPROCESS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0];
 
 /** vLLM's build_1_2_5_buckets(max): 1, 2, 5, 10, 20, 50, ... up to max. */
@@ -67,8 +67,8 @@ export interface FinishedChoice {
   completionTokens: number;
   /** Arrival -> finish, seconds. */
   e2eSeconds: number;
-  /** First -> last generated token, seconds (0 with fewer than two tokens). */
-  decodeSeconds: number;
+  /** The engine's split of its time; absent when the request never got a sequence. */
+  timings?: EngineTimings;
 }
 
 type Labels = { model_name: string; engine: string };
@@ -86,7 +86,11 @@ export class ServerMetrics {
   private readonly tpot: Observer;
   private readonly requestTpot: Observer;
   private readonly e2e: Observer;
+  private readonly queueTime: Observer;
+  private readonly prefillTime: Observer;
   private readonly decodeTime: Observer;
+  private readonly inferenceTime: Observer;
+  private readonly imageEncode: Observer;
   private readonly promptTokens: Observer;
   private readonly generationTokens: Observer;
   private readonly maxTokensParam: Observer;
@@ -114,8 +118,12 @@ export class ServerMetrics {
         },
       });
     };
-    const hist = (name: string, help: string, buckets: number[]) =>
-      new Histogram({ name, help, labelNames, buckets, registers: [r] }).labels(L);
+    // Exported from the start, with zero counts, as vLLM's per-engine children are.
+    const hist = (name: string, help: string, buckets: number[]) => {
+      const h = new Histogram({ name, help, labelNames, buckets, registers: [r] });
+      h.zero(L);
+      return h.labels(L);
+    };
 
     // ---- vLLM: scheduler state and KV cache ----
     gauge('vllm:num_requests_running', 'Number of requests in model execution batches.', (s) => s.running);
@@ -157,7 +165,17 @@ export class ServerMetrics {
     this.tpot = hist('vllm:time_per_output_token_seconds', 'Histogram of time per output token in seconds.DEPRECATED: Use vllm:inter_token_latency_seconds instead.', TPOT_BUCKETS);
     this.requestTpot = hist('vllm:request_time_per_output_token_seconds', 'Histogram of time_per_output_token_seconds per request.', TPOT_BUCKETS);
     this.e2e = hist('vllm:e2e_request_latency_seconds', 'Histogram of e2e request latency in seconds.', REQUEST_LATENCY_BUCKETS);
+    this.queueTime = hist('vllm:request_queue_time_seconds', 'Histogram of time spent in WAITING phase for request.', REQUEST_LATENCY_BUCKETS);
+    this.prefillTime = hist('vllm:request_prefill_time_seconds', 'Histogram of time spent in PREFILL phase for request.', REQUEST_LATENCY_BUCKETS);
     this.decodeTime = hist('vllm:request_decode_time_seconds', 'Histogram of time spent in DECODE phase for request.', REQUEST_LATENCY_BUCKETS);
+    this.inferenceTime = hist('vllm:request_inference_time_seconds', 'Histogram of time spent in RUNNING phase for request.', REQUEST_LATENCY_BUCKETS);
+    registerLog2Histogram(r, {
+      name: 'vllm:iteration_tokens_total', help: 'Histogram of number of tokens per engine_step.', buckets: ITERATION_TOKENS_BUCKETS, labels: L,
+      read: () => {
+        const s = stats();
+        return { counts: s.stepTokens, sum: s.stepTokensSum };
+      },
+    });
 
     // ---- caprl: images, engine steps, admission ----
     this.images = new Counter({ name: 'caprl:images_received_total', help: 'Images received in requests that reached image preparation.', labelNames, registers: [r] });
@@ -165,6 +183,11 @@ export class ServerMetrics {
     this.preprocess = hist(
       'caprl:request_preprocessing_seconds',
       "Time from a request's parsed body to its hand-over to the engine: validation, image decode and resize, chat template, tokenization.",
+      PREPROCESS_BUCKETS,
+    );
+    this.imageEncode = hist(
+      'caprl:image_encode_seconds',
+      "Time the vision encoder spent on a request's images (embedding-cache hits take none), per request with images.",
       PREPROCESS_BUCKETS,
     );
     const engineCounter = (name: string, help: string, read: (s: EngineStats) => number): void => counter(name, help, read);
@@ -250,8 +273,16 @@ export class ServerMetrics {
     this.e2e.observe(f.e2eSeconds);
     this.promptTokens.observe(f.promptTokens);
     this.generationTokens.observe(f.completionTokens);
-    if (f.completionTokens > 0) this.decodeTime.observe(f.decodeSeconds);
-    if (f.completionTokens > 1) this.requestTpot.observe(f.decodeSeconds / (f.completionTokens - 1));
+    const t = f.timings;
+    if (!t) return;
+    // As vLLM: queue time once admitted; the phases once a token was sampled.
+    this.queueTime.observe(t.queued);
+    if (t.imageEncode !== undefined) this.imageEncode.observe(t.imageEncode);
+    if (t.prefill === undefined || t.decode === undefined) return;
+    this.prefillTime.observe(t.prefill);
+    this.decodeTime.observe(t.decode);
+    this.inferenceTime.observe(t.prefill + t.decode);
+    if (f.completionTokens > 1) this.requestTpot.observe(t.decode / (f.completionTokens - 1));
   }
 
   rejectedRequest(reason: 'queue_full' | 'shutting_down'): void {

@@ -1,7 +1,8 @@
 // Per-request metrics taken at the JS edge: a pass-through over a generation's event stream that
 // timestamps each event as the handler receives it (performance.now()), so time to first token,
 // inter-token latency, end-to-end latency and token counts come out as vLLM defines them, per
-// choice (vLLM counts each of n choices as a request of its own).
+// choice (vLLM counts each of n choices as a request of its own). The engine's own phase times
+// (queue, prefill, decode, image encode) pass through from each finish.
 import type { EngineEvent, FinishReason } from '../engine/native-types.js';
 import type { ServerMetrics } from './metrics.js';
 
@@ -79,7 +80,7 @@ export async function* observeGeneration(
         promptTokens: f.promptTokens,
         completionTokens: f.completionTokens,
         e2eSeconds: (now - ctx.arrivedAt) / 1000,
-        decodeSeconds: c.first !== undefined && c.last !== undefined ? (c.last - c.first) / 1000 : 0,
+        timings: f.timings,
       });
       ctx.onChoiceFinished?.({ index: ev.index, reason: f.reason, promptTokens: f.promptTokens, completionTokens: f.completionTokens });
       if (f.reason === 'abort') {
