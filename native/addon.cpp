@@ -207,7 +207,11 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
             throw Napi::RangeError::New(env, "visionEncoder must be 'llama.cpp' or 'caprl'");
         }
         if (opts.model.empty()) throw Napi::TypeError::New(env, "options.model is required");
-        if (opts.max_seqs < 1 || opts.n_ctx < 16 || opts.n_batch < 1) throw Napi::RangeError::New(env, "nCtx, maxSeqs and nBatch must be positive");
+        if (opts.max_seqs < 1 || opts.n_batch < 1) throw Napi::RangeError::New(env, "maxSeqs and nBatch must be positive");
+        const int kv_modes = (opts.n_ctx > 0) + (opts.kv_cache_bytes > 0) + (opts.memory_fraction > 0);
+        if (kv_modes != 1 || (opts.n_ctx > 0 && opts.n_ctx < 16) || opts.memory_fraction > 1) {
+            throw Napi::RangeError::New(env, "give exactly one of nCtx (>= 16), kvCacheBytes (> 0) or memoryFraction (in (0, 1])");
+        }
 
         tsfn_ = EventTsfn::New(env, info[1].As<Napi::Function>(), "caprl-engine-events", 0, 1);
         try {

@@ -90,7 +90,7 @@ struct EngineOptions {
     // The KV pool (cells shared by all sequences) is sized by exactly one of these three.
     uint32_t n_ctx = 0;             // cells
     uint64_t kv_cache_bytes = 0;    // as many cells as fit these bytes (vLLM --kv-cache-memory-bytes)
-    double memory_fraction = 0;      // the engine's share of its device's memory (vLLM --gpu-memory-utilization)
+    double memory_fraction = 0;     // the engine's share of its device's memory (vLLM --gpu-memory-utilization)
     uint32_t max_model_len = 0;     // per-sequence limit in cells, 0 = n_ctx
     uint32_t max_seqs = 8;
     uint32_t n_batch = 512;
