@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU run, in one device call of under 10 minutes: unpack what bench/pack-gpu.sh carried
 # (.carry/), build the CUDA addon + llama-server + llama-mtmd-cli, generate the CapRL-3B-shaped
-# model, check our image kernels against their CPU reference, then benchmark caprl and
-# llama-server side by side. Results (at most 8 files) go to $OUT:
+# model, compare our vision encoder with llama.cpp's clip, check our image kernels against their
+# CPU reference, then benchmark caprl and llama-server side by side. Results (at most 8 files) go to $OUT:
 #   gpu.log (this log, with timestamps), build.log, gpu-check.txt, server-logs.txt,
 #   bench-<preset>-<dtype>.json and .md per dtype
 # and a short table is printed last.
@@ -29,7 +29,7 @@ for arg in "$@"; do
     --dry-run) DRY=1 ;;
     --skip-build) SKIP_BUILD=1 ;;
     --build-only) BUILD_ONLY=1 ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -184,6 +184,20 @@ main() {
     await e.close();" 2>&1 | sed 's/^/  /'
   [ "${PIPESTATUS[0]}" = 0 ] || fail "KV cache sizing"
 
+  # ---------------------------------------------------------------- vision encoder
+  # Ours (native/qwen-vision-encoder.cpp: batched, window attention over the real windows) vs
+  # llama.cpp's clip, same images: ms per image at batch 1 and 8, and ours' relative error.
+  local vsizes=1024x1024 vbatches=1,8
+  [ "$DRY" = 1 ] && { vsizes=224x224; vbatches=1,2; }
+  phase "vision encoder: caprl vs llama.cpp clip ($PRESET-$dt0, $vsizes, batch $vbatches)"
+  if [ "$(left)" -gt 240 ]; then
+    timeout 150 node dist/bench/vision-encoder.js --model "$WORK/models/$PRESET-$dt0.gguf" --mmproj "$WORK/models/mmproj-$PRESET-$dt0.gguf" \
+      --sizes "$vsizes" --batches "$vbatches" --repeat 3 --max-error 0.02 2> "$WORK/vision-encoder.err" | tee "$WORK/vision-encoder.out"
+    [ "${PIPESTATUS[0]}" = 0 ] || { tail -20 "$WORK/vision-encoder.err"; fail "vision encoder comparison"; }
+  else
+    log "vision encoder comparison skipped: $(left)s left"
+  fi
+
   # ---------------------------------------------------------------- kernels
   phase "gpu-check (kernels/image-prep.cu vs the CPU reference)"
   if [ "${SKIP_GPU_CHECK:-0}" = 1 ]; then
@@ -244,6 +258,7 @@ fi
   echo
   echo "================ summary ($(date -u +%H:%M:%S), ${SECONDS}s, rc $rc)"
   grep -hE '^gpu-check: ([0-9]+ cases|no CUDA)|^hf-check: ([0-9]+ compared|skipped)|^FAIL|1024x1024' "$OUT/gpu-check.txt" 2>/dev/null
+  [ -f "$WORK/vision-encoder.out" ] && { echo "-- vision encoder (ms per image)"; grep -h '^|' "$WORK/vision-encoder.out"; }
   for f in "$WORK"/bench-*.out; do
     [ -f "$f" ] || continue
     echo "-- $(basename "$f" .out)"
