@@ -7,9 +7,11 @@
 #include "image-prep-ref.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <fstream>
 #include <stdexcept>
+#include <thread>
 
 namespace caprl {
 
@@ -61,6 +63,7 @@ ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_
 
 struct QwenVisionEncoder::Impl {
     int n_embd = 0, n_head = 0, n_ff = 0, n_layer = 0, n_out = 0, n_wa_pattern = 0, grid_window = 0;
+    int n_threads = 1;  // CPU threads: ggml's CPU backend and the pixel preprocessing
     float eps = 1e-6f;
     ggml_backend_t backend = nullptr;
     ggml_backend_t cpu = nullptr;
@@ -224,15 +227,12 @@ BatchLayout QwenVisionEncoder::Impl::layout(const std::vector<const Image *> & i
     BatchLayout lay;
     const int G = grid_window;
     const int S = (G * kMerge) * (G * kMerge);  // patches in a full window
-    std::vector<float> chw;
+    std::vector<std::pair<int, int>> canvas;
+    // Token order, positions and windows (cheap, in order).
     for (const Image * img : images) {
         int cw = 0, ch = 0;
         canvas_size(img->width, img->height, cw, ch);
-        chw.resize((size_t) 3 * cw * ch);
-        if (img->rgb.size() != (size_t) img->width * img->height * 3 ||
-            caprl_image_prep_ref(img->rgb.data(), (int) img->width, (int) img->height, cw, ch, CAPRL_RESIZE_PAD_CEIL, chw.data(), nullptr) != 0) {
-            throw std::runtime_error("image preprocessing failed");
-        }
+        canvas.emplace_back(cw, ch);
         const int pw = cw / CAPRL_GRID_FACTOR, ph = ch / CAPRL_GRID_FACTOR;
         const int64_t start = lay.n_tokens;
         lay.image_start.push_back(start);
@@ -244,15 +244,8 @@ BatchLayout QwenVisionEncoder::Impl::layout(const std::vector<const Image *> & i
                     for (int ux = wx; ux < std::min(wx + G, pw); ux++) {
                         unit_row[(size_t) uy * pw + ux] = (int32_t) ((lay.n_tokens - start) / 4);
                         for (int d = 0; d < 4; d++) {
-                            const int py = uy * kMerge + d / 2, px = ux * kMerge + d % 2;
-                            for (int c = 0; c < 3; c++) {
-                                for (int ky = 0; ky < kPatch; ky++) {
-                                    const float * row = &chw[((size_t) c * ch + (size_t) py * kPatch + ky) * cw + (size_t) px * kPatch];
-                                    lay.patches.insert(lay.patches.end(), row, row + kPatch);
-                                }
-                            }
-                            lay.pos_y.push_back(py);
-                            lay.pos_x.push_back(px);
+                            lay.pos_y.push_back(uy * kMerge + d / 2);
+                            lay.pos_x.push_back(ux * kMerge + d % 2);
                             lay.n_tokens++;
                         }
                     }
@@ -267,6 +260,37 @@ BatchLayout QwenVisionEncoder::Impl::layout(const std::vector<const Image *> & i
         lay.image_len.push_back(lay.n_tokens - start);
         lay.unit_row.push_back(std::move(unit_row));
     }
+    // Pixels: resize + normalize (~30 ms for a 1024x1024 image on one core), then each token's
+    // 14x14x3 patch; one image per thread, as the GPU would otherwise wait on this.
+    lay.patches.resize((size_t) lay.n_tokens * kPatchElems);
+    std::atomic<size_t> next{0};
+    std::atomic<bool> failed{false};
+    auto work = [&] {
+        std::vector<float> chw;
+        for (size_t i; (i = next++) < images.size();) {
+            const Image * img = images[i];
+            const auto [cw, ch] = canvas[i];
+            chw.resize((size_t) 3 * cw * ch);
+            if (img->rgb.size() != (size_t) img->width * img->height * 3 ||
+                caprl_image_prep_ref(img->rgb.data(), (int) img->width, (int) img->height, cw, ch, CAPRL_RESIZE_PAD_CEIL, chw.data(), nullptr) != 0) {
+                failed = true;
+                continue;
+            }
+            for (int64_t t = lay.image_start[i]; t < lay.image_start[i] + lay.image_len[i]; t++) {
+                float * dst = &lay.patches[(size_t) t * kPatchElems];
+                for (int c = 0; c < 3; c++) {
+                    for (int ky = 0; ky < kPatch; ky++, dst += kPatch) {
+                        std::copy_n(&chw[((size_t) c * ch + (size_t) lay.pos_y[t] * kPatch + ky) * cw + (size_t) lay.pos_x[t] * kPatch], kPatch, dst);
+                    }
+                }
+            }
+        }
+    };
+    std::vector<std::thread> pool;
+    for (int k = 1; k < std::min<int>(n_threads, (int) images.size()); k++) pool.emplace_back(work);
+    work();
+    for (auto & th : pool) th.join();
+    if (failed) throw std::runtime_error("image preprocessing failed");
     return lay;
 }
 
@@ -407,7 +431,8 @@ QwenVisionEncoder::QwenVisionEncoder(const std::string & mmproj, bool use_gpu, i
     ggml_backend_dev_t dev = ggml_backend_get_device(m.cpu);
     ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
     auto set_threads = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : nullptr;
-    if (set_threads) set_threads(m.cpu, std::max(1, n_threads));
+    m.n_threads = std::max(1, n_threads);
+    if (set_threads) set_threads(m.cpu, m.n_threads);
 
     m.load(mmproj);
     ggml_backend_t backends[2] = {m.backend, m.cpu};
