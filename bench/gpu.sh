@@ -217,6 +217,11 @@ main() {
     cat "$WORK/gpu-check-build.log"; fail "nvcc gpu-check"
   fi
 
+  # ---------------------------------------------------------------- sampler
+  phase "sampler: our direct sampler vs llama.cpp's chain on this host's CPU (151,936 logits)"
+  if [ -x build/bin/caprl-sampler-check ]; then timeout 60 build/bin/caprl-sampler-check bench 2>&1 | sed 's/^/  /'
+  else log "build/bin/caprl-sampler-check missing"; fi
+
   # ---------------------------------------------------------------- bench
   phase "bench: caprl vs llama-server, c=$CONC, requests $REQS, $SIZES, $TOKENS tokens"
   local servers=() ls_bin=${LLAMA_SERVER:-$ROOT/build/bin/llama-server}

@@ -198,6 +198,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         opts.n_batch = (uint32_t) get_number(o, "nBatch", opts.n_batch);
         opts.n_threads = (int32_t) get_number(o, "nThreads", 0);
         opts.n_vision_threads = (int32_t) get_number(o, "nVisionThreads", 0);
+        opts.n_sampling_threads = (int32_t) get_number(o, "nSamplingThreads", 0);
         opts.n_gpu_layers = (int32_t) get_number(o, "nGpuLayers", -1);
         opts.chat_template = get_string(o, "chatTemplate");
         opts.log_level = get_string(o, "logLevel", "warn");

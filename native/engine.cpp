@@ -154,6 +154,12 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
         if (llama_vocab_is_eog(vocab_, t)) eog_.push_back(t);
     }
 
+    // Sampling threads: a draw over Qwen's 151,936 logits takes 0.1-2 ms, once per sequence per
+    // step; on a GPU host the decode threads are idle meanwhile, so the draws share them.
+    const int32_t sampling_threads = opts_.n_sampling_threads > 0 ? opts_.n_sampling_threads
+                                     : n_vocab >= 32768 ? (int32_t) std::min(threads, 8u) : 1;
+    sampling_ = std::make_unique<ParallelFor>(sampling_threads);
+
     info_.chat_template = common_chat_templates_source(templates_.get());
     info_.media_marker = mtmd_default_marker();
     info_.n_ctx = llama_n_ctx(ctx_);
@@ -448,7 +454,7 @@ void Engine::admit() {
             seq.choice_seq_ids.push_back(free_seq_ids_.back());
             free_seq_ids_.pop_back();
         }
-        seq.sampler = std::make_unique<Sampler>(vocab_, seq.req.sampling, eog_);
+        seq.sampler = std::make_unique<Sampler>(vocab_, info_.n_vocab, seq.req.sampling, eog_);
         seq.text = std::make_unique<TextStream>(seq.req.sampling.stop);
         seq.pending.id = seq.req.id;
         seq.admitted = Clock::now();
@@ -680,6 +686,7 @@ bool Engine::step() {
 
 void Engine::sample_outputs() {
     std::list<Sequence> forked;
+    std::vector<std::pair<Sequence *, int32_t>> rows;  // (sequence, its row of this step's logits)
     for (auto & seq : running_) {
         if (seq.finished || seq.batch_row < 0) continue;
         if (seq.resume_pending) {
@@ -693,12 +700,17 @@ void Engine::sample_outputs() {
             // Prefill done: choices 1..n-1 share its KV cells and its last logits.
             for (size_t k = 0; k < seq.choice_seq_ids.size(); k++) {
                 forked.push_back(fork_choice(seq, (int32_t) k + 1, seq.choice_seq_ids[k]));
-                sample_one(forked.back(), seq.batch_row);
+                rows.emplace_back(&forked.back(), seq.batch_row);
             }
             seq.choice_seq_ids.clear();
         }
-        sample_one(seq, seq.batch_row);
+        rows.emplace_back(&seq, seq.batch_row);
     }
+    // Every sequence's token at once, on the sampling threads: a draw reads only its logits row
+    // and its own sampler, so the tokens are the same whichever thread draws them.
+    std::vector<Draw> draws(rows.size());
+    sampling_->run(rows.size(), [&](size_t i) { draws[i] = draw(*rows[i].first, rows[i].second); });
+    for (size_t i = 0; i < rows.size(); i++) accept(*rows[i].first, std::move(draws[i]));
     running_.splice(running_.end(), forked);
 }
 
@@ -718,19 +730,27 @@ Sequence Engine::fork_choice(const Sequence & parent, int32_t index, llama_seq_i
     c.shared_cells = parent.n_cells;
     c.reserved_cells = parent.choice_reserved_cells;
     c.n_past = parent.n_past;
-    c.sampler = std::make_unique<Sampler>(vocab_, c.req.sampling, eog_);
+    c.sampler = std::make_unique<Sampler>(vocab_, info_.n_vocab, c.req.sampling, eog_);
     c.text = std::make_unique<TextStream>(c.req.sampling.stop);
     c.pending.id = c.req.id;
     c.pending.index = index;
     return c;
 }
 
-void Engine::sample_one(Sequence & seq, int32_t row) {
+Engine::Draw Engine::draw(Sequence & seq, int32_t row) const {
     const SamplingParams & sp = seq.req.sampling;
-    const bool suppress_eog = sp.ignore_eos || seq.n_generated < sp.min_tokens;
-    TokenLogprob lp;
-    const llama_token tok = seq.sampler->sample(ctx_, row, suppress_eog, sp.logprobs >= 0 ? &lp : nullptr,
-                                                std::max(sp.logprobs, 0));
+    Draw d;
+    d.suppress_eog = sp.ignore_eos || seq.n_generated < sp.min_tokens;
+    d.token = seq.sampler->sample(llama_get_logits_ith(ctx_, row), d.suppress_eog, sp.logprobs >= 0 ? &d.logprob : nullptr,
+                                  std::max(sp.logprobs, 0));
+    return d;
+}
+
+void Engine::accept(Sequence & seq, Draw && d) {
+    const SamplingParams & sp = seq.req.sampling;
+    const llama_token tok = d.token;
+    const bool suppress_eog = d.suppress_eog;
+    TokenLogprob & lp = d.logprob;
     seq.n_generated++;
     generation_tokens_total_++;
     seq.last_token = Clock::now();

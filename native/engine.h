@@ -6,6 +6,7 @@
 #include "chat.h"
 #include "kv-plan.h"
 #include "llama.h"
+#include "parallel-for.h"
 #include "mtmd.h"
 #include "sequence.h"
 #include "types.h"
@@ -77,7 +78,13 @@ class Engine {
     int64_t growth_watermark() const;
     bool may_start_resume(const Sequence & seq, int64_t free_cells) const;
     void sample_outputs();
-    void sample_one(Sequence & seq, int32_t row);
+    struct Draw {
+        llama_token token = -1;
+        bool suppress_eog = false;
+        TokenLogprob logprob;
+    };
+    Draw draw(Sequence & seq, int32_t row) const;  // thread-safe across sequences
+    void accept(Sequence & seq, Draw && d);         // engine thread: stop checks, text, events
     Sequence fork_choice(const Sequence & parent, int32_t index, llama_seq_id seq_id);
     // Ends every choice of a request that never got a sequence (cancelled while waiting, bad prompt).
     void end_unadmitted(const Request & req, const std::string & reason, int32_t prompt_tokens = 0, const std::string & error = "");
@@ -97,6 +104,7 @@ class Engine {
     mtmd_context * mtmd_ = nullptr;
     std::unique_ptr<QwenVisionEncoder> caprl_vision_;  // EngineOptions::vision_encoder "caprl"; outlives vision_
     std::unique_ptr<VisionWorker> vision_;
+    std::unique_ptr<ParallelFor> sampling_;
     uint64_t next_vision_key_ = 1;
     common_chat_templates_ptr templates_;
     std::vector<llama_token> eog_;

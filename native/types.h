@@ -96,6 +96,7 @@ struct EngineOptions {
     uint32_t n_batch = 512;
     int32_t n_threads = 0;
     int32_t n_vision_threads = 0;   // 0 = a quarter of the threads, at least 1
+    int32_t n_sampling_threads = 0; // 0 = the decode threads (at most 8) for large vocabularies, else 1
     int32_t n_gpu_layers = -1;
     std::string chat_template;
     std::string log_level = "warn";

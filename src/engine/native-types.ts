@@ -28,6 +28,11 @@ export interface EngineOptions {
   nBatch: number;
   /** CPU threads for decode; 0 = the cores left after the vision worker's. */
   nThreads?: number;
+  /**
+   * Threads drawing each step's tokens (one sampler per sequence, so the tokens do not depend on
+   * the count); 0 = the decode threads, at most 8, for vocabularies of 32768 tokens or more, else 1.
+   */
+  nSamplingThreads?: number;
   /** CPU threads of the vision worker (image encoding beside decoding); 0 = a quarter of the threads, at least 1. */
   nVisionThreads?: number;
   /** Layers to offload to the GPU; -1 = all. Ignored on CPU builds. */
