@@ -530,6 +530,8 @@ void Engine::preempt(Sequence & seq) {
     for (auto & part : seq.parts) {
         if (part.vision_key) vision_->drop(part.vision_key);
         part.vision_key = 0;
+        std::vector<float>().swap(part.embd);
+        part.rows_done = 0;
     }
     // Later: prefill the prompt and every generated token again; its last logits continue the output.
     seq.parts.resize(seq.orig_parts);
@@ -548,29 +550,74 @@ void Engine::preempt(Sequence & seq) {
     preemptions_++;
 }
 
-bool Engine::prefill_image(Sequence & seq) {
+int32_t Engine::prefill_image(Sequence & seq, int32_t max_rows) {
     PromptPart & part = seq.parts[seq.part];
-    std::vector<float> embd;
-    bool ok = false;
-    double encode_seconds = 0;
-    if (!vision_->take(part.vision_key, embd, ok, encode_seconds)) return false;
-    part.vision_key = 0;
-    seq.image_encode_seconds += encode_seconds;
-    if (!ok) {
-        finish(seq, "error", "the vision encoder failed on this image");
-        return true;
+    if (part.vision_key) {
+        bool ok = false;
+        double encode_seconds = 0;
+        if (!vision_->take(part.vision_key, part.embd, ok, encode_seconds)) return -1;
+        part.vision_key = 0;
+        part.rows_done = 0;
+        seq.image_encode_seconds += encode_seconds;
+        if (!ok) {
+            finish(seq, "error", "the vision encoder failed on this image");
+            return 0;
+        }
     }
-    llama_pos new_n_past = seq.n_past;
-    if (mtmd_helper_decode_image_chunk(mtmd_, ctx_, part.media, embd.data(), seq.n_past, seq.seq_id, (int32_t) opts_.n_batch,
-                                       &new_n_past, nullptr, nullptr) != 0) {
+    const int32_t n = part.n_cells();
+    // A model that attends within an image both ways (mtmd says which) takes it in one piece.
+    const bool whole = mtmd_decode_use_non_causal(mtmd_, part.media);
+    const int32_t take = whole ? n - part.rows_done : std::min(max_rows, n - part.rows_done);
+    if (take <= 0) return 0;
+    if (whole) llama_set_causal_attn(ctx_, false);
+    const int32_t rc = decode_image_rows(seq, part, part.rows_done, take);
+    if (whole) llama_set_causal_attn(ctx_, true);
+    if (rc != 0) {
         finish(seq, "error", "decoding the image embeddings failed");
-        return true;
+        return 0;
     }
-    seq.n_past = new_n_past;
-    seq.n_cells += part.n_cells();
-    seq.part++;
-    seq.part_off = 0;
-    return true;
+    part.rows_done += take;
+    seq.n_cells += take;
+    if (part.rows_done == n) {
+        // M-RoPE: the text after an image continues at its start + max(rows, cols), not + cells.
+        seq.n_past += mtmd_input_chunk_get_n_pos(part.media);
+        std::vector<float>().swap(part.embd);
+        seq.part++;
+        seq.part_off = 0;
+    }
+    return take;
+}
+
+int32_t Engine::decode_image_rows(const Sequence & seq, const PromptPart & part, int32_t first, int32_t n) {
+    const int32_t n_embd = llama_model_n_embd_inp(model_);
+    const bool mrope = mtmd_decode_use_mrope(mtmd_);
+    const mtmd_image_tokens * image = mtmd_input_chunk_get_tokens_image(part.media);
+    // Positions of these rows, for M-RoPE laid out by section (all t, then y, x, z), as llama_batch
+    // takes them: the image's rows keep the positions they would have in one piece.
+    std::vector<llama_pos> pos((size_t) n * (mrope ? 4 : 1));
+    for (int32_t i = 0; i < n; i++) {
+        if (mrope && image) {
+            const mtmd_decoder_pos p = mtmd_image_tokens_get_decoder_pos(image, seq.n_past, (size_t) (first + i));
+            pos[i] = (llama_pos) p.t;
+            pos[i + n] = (llama_pos) p.y;
+            pos[i + 2 * n] = (llama_pos) p.x;
+            pos[i + 3 * n] = (llama_pos) p.z;
+        } else {
+            pos[i] = seq.n_past + first + i;
+        }
+    }
+    std::vector<int32_t> n_seq_id(n, 1);
+    llama_seq_id sid = seq.seq_id;
+    std::vector<llama_seq_id *> seq_ids(n, &sid);
+    std::vector<int8_t> logits(n, 0);
+    llama_batch batch{};
+    batch.n_tokens = n;
+    batch.embd = const_cast<float *>(part.embd.data()) + (size_t) first * n_embd;
+    batch.pos = pos.data();
+    batch.n_seq_id = n_seq_id.data();
+    batch.seq_id = seq_ids.data();
+    batch.logits = logits.data();
+    return llama_decode(ctx_, batch);
 }
 
 bool Engine::step() {
@@ -591,20 +638,38 @@ bool Engine::step() {
         if (!seq.pinned && !seq.finished && !seq.prefilling()) free_cells--;
     }
 
-    // Encoded images first: at most one per step, so a step's cost stays bounded.
+    // The step's budget (--max-num-batched-tokens): every decoding sequence's next token first,
+    // then encoded images' embedding rows, then prompt text. An image larger than what is left
+    // goes in over several steps, in whole ubatches, so its rows meet the same ubatches as in one
+    // piece; it always advances by at least one ubatch.
     bool progress = !out_.empty();
     uint32_t step_tokens = 0;  // image-embedding rows and batch tokens decoded this step
+    int32_t budget = (int32_t) opts_.n_batch;
+    for (const auto & seq : running_) {
+        if (!seq.finished && !seq.prefilling()) budget--;
+    }
+    const int32_t ubatch = (int32_t) llama_n_ubatch(ctx_);
     for (auto & seq : running_) {
         if (seq.finished || !seq.prefilling() || !seq.parts[seq.part].media) continue;
-        const int32_t cells = seq.parts[seq.part].n_cells();
-        if (!seq.pinned && (cells > free_cells || !may_start_resume(seq, free_cells))) continue;
-        const int32_t cells_before = seq.n_cells;
-        if (prefill_image(seq)) {
-            step_tokens += (uint32_t) (seq.n_cells - cells_before);  // 0 if it failed
-            if (!seq.pinned) free_cells -= cells;
-            progress = true;
-            break;
+        const PromptPart & part = seq.parts[seq.part];
+        const int32_t left = part.n_cells() - part.rows_done;
+        int32_t allow = left <= budget ? left : std::max(budget, 0) / ubatch * ubatch;
+        if (allow == 0) {
+            if (step_tokens > 0) continue;  // one overrun per step at most
+            allow = std::min(left, ubatch);
         }
+        if (!seq.pinned) {
+            if (!may_start_resume(seq, free_cells)) continue;
+            allow = (int32_t) std::min<int64_t>(allow, std::max<int64_t>(free_cells, 0));
+            if (allow == 0) continue;
+        }
+        const bool was_finished = seq.finished;
+        const int32_t rows = prefill_image(seq, allow);
+        if (rows < 0) continue;  // still encoding
+        progress = progress || rows > 0 || seq.finished != was_finished;
+        step_tokens += (uint32_t) rows;
+        budget -= rows;
+        if (!seq.pinned) free_cells -= rows;
     }
 
     // One batch: every decoding sequence's next token, then prompt text up to the budget.
@@ -627,10 +692,10 @@ bool Engine::step() {
     }
     for (auto & seq : running_) {
         if (seq.finished || !seq.prefilling() || seq.parts[seq.part].media) continue;
-        const int32_t budget = (int32_t) opts_.n_batch - batch_.n_tokens;
-        if (budget <= 0) break;
+        const int32_t text_budget = budget - (batch_.n_tokens - (int32_t) decoding);
+        if (text_budget <= 0) break;
         const auto & toks = seq.parts[seq.part].tokens;
-        int32_t take = std::min<int32_t>(budget, (int32_t) (toks.size() - seq.part_off));
+        int32_t take = std::min<int32_t>(text_budget, (int32_t) (toks.size() - seq.part_off));
         if (!seq.pinned) {
             if (!may_start_resume(seq, free_cells)) continue;
             take = (int32_t) std::min<int64_t>(take, std::max<int64_t>(free_cells, 0));

@@ -70,7 +70,10 @@ class Engine {
     void take_inbox();
     void admit();
     bool prepare_prompt(Sequence & seq, std::string & error);
-    bool prefill_image(Sequence & seq);  // decodes an encoded image into the KV cache; false if not encoded yet
+    // Decodes up to max_rows rows of the current image's embeddings into the KV cache; returns the
+    // rows decoded, or -1 while the image is still being encoded.
+    int32_t prefill_image(Sequence & seq, int32_t max_rows);
+    int32_t decode_image_rows(const Sequence & seq, const PromptPart & part, int32_t first, int32_t n);
     void submit_images(Sequence & seq);
     int64_t cells_committed(bool with_prefill) const;  // reserved (pinned) + used (+ still to prefill) cells
     void make_room();                      // preempts the youngest unpinned sequences until this step fits
