@@ -258,6 +258,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         const KvCacheReport & kv = i.kv_cache;
         Napi::Object k = Napi::Object::New(env);
         k.Set("sizedBy", kv.sized_by);
+        k.Set("layout", kv.layout);
         k.Set("device", kv.device);
         k.Set("onGpu", kv.on_gpu);
         k.Set("deviceTotalBytes", (double) kv.device_total_bytes);

@@ -101,7 +101,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     cp.n_seq_max = opts_.max_seqs;
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
-    cp.kv_unified = true;  // one pool of cells shared by all sequences
+    cp.kv_unified = true;  // for sizing; the layout is chosen below
     cp.no_perf = true;
     try {
         KvCacheRequest kv;
@@ -123,6 +123,15 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
         llama_model_free(model_);
         throw;
     }
+    // KV layout. With one pool shared by all sequences (llama.cpp's unified cache) every token of a
+    // step attends over every cell in use, masked: decoding 64 sequences cost 5.6x more per step
+    // than with a stream per sequence (tiny model on the CPU, 25 vs 4.4 ms). So when the cache holds
+    // every sequence at its longest, each sequence gets a stream of its own, as llama-server's slots
+    // do; otherwise the pool stays shared (and requests are admitted and preempted against it).
+    const bool per_sequence = opts_.max_model_len > 0 && opts_.max_seqs > 1 &&
+                              (uint64_t) cp.n_ctx >= (uint64_t) opts_.max_seqs * opts_.max_model_len;
+    cp.kv_unified = !per_sequence;
+    info_.kv_cache.layout = per_sequence ? "per-sequence" : "unified";
     ctx_ = llama_init_from_model(model_, cp);
     if (!ctx_) {
         if (mtmd_) mtmd_free(mtmd_);
@@ -130,7 +139,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
         throw std::runtime_error("failed to create llama context (KV cache of " + std::to_string(cp.n_ctx) + " tokens)");
     }
     opts_.n_batch = llama_n_batch(ctx_);
-    max_model_len_ = opts_.max_model_len > 0 ? std::min(opts_.max_model_len, llama_n_ctx(ctx_)) : llama_n_ctx(ctx_);
+    max_model_len_ = opts_.max_model_len > 0 ? std::min(opts_.max_model_len, llama_n_ctx_seq(ctx_)) : llama_n_ctx_seq(ctx_);
     const ContextBytes live = context_bytes(ctx_, kv_dev);
     info_.kv_cache.tokens = llama_n_ctx(ctx_);
     info_.kv_cache.bytes = live.kv;

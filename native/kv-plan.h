@@ -16,6 +16,7 @@ namespace caprl {
 // How the KV cache was sized and what it costs, for EngineInfo and the start-up log.
 struct KvCacheReport {
     std::string sized_by;               // "tokens" | "bytes" | "memory-fraction"
+    std::string layout;                 // "unified" (one pool) | "per-sequence" (a stream per sequence)
     std::string device;                 // the device holding the KV cache, e.g. "CUDA0" or "CPU"
     bool on_gpu = false;
     uint64_t device_total_bytes = 0;

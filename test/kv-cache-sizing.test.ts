@@ -65,7 +65,7 @@ t.test('a byte budget (--kv-cache-memory-bytes)', async (t) => {
   t.ok(kv.bytes <= budget, `allocated ${kv.bytes} bytes within the ${budget} asked for`);
   t.equal(engine.info.nCtx, kv.tokens);
   t.equal(await serves(engine), 8);
-  t.equal(describeKvCache(kv), 'KV cache: 6144 tokens, 0.00 GiB on CPU (0.5 KiB/token), sized by --kv-cache-memory-bytes', 'the start-up line');
+  t.equal(describeKvCache(kv), 'KV cache: 6144 tokens, 0.00 GiB on CPU (0.5 KiB/token, one pool shared by all sequences), sized by --kv-cache-memory-bytes', 'the start-up line');
 
   await t.rejects(open({ kvCacheBytes: 100 * TINY_KV_BYTES_PER_TOKEN }), /holds 0 tokens, fewer than one request of --max-model-len 2048/);
 });
@@ -77,6 +77,7 @@ t.test('a share of the device memory (--gpu-memory-utilization)', async (t) => {
   await roomy.close();
   t.equal(big.sizedBy, 'memory-fraction');
   t.equal(big.tokens, MAX_SEQS * MAX_MODEL_LEN, 'capped at max-num-seqs x max-model-len');
+  t.equal(big.layout, 'per-sequence', 'room for every sequence at its longest: a KV stream each');
   t.ok(big.nonKvBytes > 0, 'weights and vision counted');
 
   // A tight share, half the cache's bytes short of that: the share binds.
@@ -86,6 +87,7 @@ t.test('a share of the device memory (--gpu-memory-utilization)', async (t) => {
   t.teardown(() => engine.close());
   const kv = engine.info.kvCache;
   t.ok(kv.tokens < big.tokens, `${kv.tokens} tokens: fewer than the cap`);
+  t.equal(kv.layout, 'unified', 'less: one pool shared by all sequences');
   t.ok(kv.tokens >= MAX_MODEL_LEN, 'room for one longest request');
   t.equal(kv.tokens % 256, 0);
   const used = kv.nonKvBytes + kv.computeBytes + kv.bytes;

@@ -189,6 +189,11 @@ export interface EngineInfo {
 /** How the KV cache was sized and what it costs on the device that holds it. */
 export interface KvCacheInfo {
   sizedBy: 'tokens' | 'bytes' | 'memory-fraction';
+  /**
+   * 'per-sequence': a KV stream per sequence (its attention reads only its own cells), chosen when
+   * the cache holds every sequence at --max-model-len; 'unified': one pool shared by all.
+   */
+  layout: 'unified' | 'per-sequence';
   /** e.g. "CUDA0" or "CPU". */
   device: string;
   onGpu: boolean;

@@ -60,5 +60,6 @@ export function describeKvCache(kv: KvCacheInfo): string {
     kv.sizedBy === 'bytes' ? '--kv-cache-memory-bytes' :
     `--gpu-memory-utilization ${kv.memoryFraction} of ${gib(kv.deviceTotalBytes)} (free at start ${gib(kv.deviceFreeBytes)}; ` +
     `weights and vision ${gib(kv.nonKvBytes)}, compute buffers ${gib(kv.computeBytes)})`;
-  return `KV cache: ${kv.tokens} tokens, ${gib(kv.bytes)} on ${kv.device} (${(kv.bytesPerToken / 1024).toFixed(1)} KiB/token), sized by ${by}`;
+  const layout = kv.layout === 'per-sequence' ? 'a stream per sequence' : 'one pool shared by all sequences';
+  return `KV cache: ${kv.tokens} tokens, ${gib(kv.bytes)} on ${kv.device} (${(kv.bytesPerToken / 1024).toFixed(1)} KiB/token, ${layout}), sized by ${by}`;
 }

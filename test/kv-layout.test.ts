@@ -1,0 +1,58 @@
+// The KV cache's layout: a stream per sequence when the cache holds every sequence at
+// --max-model-len (attention then reads only a sequence's own cells), one shared pool otherwise.
+// Decoding must not depend on it: batching, n choices (copied across streams) and images.
+import t from 'tap';
+import { Engine, type EngineImage, type SamplingParams } from '../src/engine/engine.js';
+import { tinyModel } from './helpers/models.js';
+
+const greedy = (maxTokens: number): SamplingParams => ({
+  temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
+  seed: -1, maxTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1,
+});
+
+async function run(engine: Engine, prompt: string, n: number, maxTokens: number, images: EngineImage[] = []): Promise<number[][]> {
+  const out: number[][] = Array.from({ length: n }, () => []);
+  for await (const ev of engine.generate({ prompt, images, n, sampling: greedy(maxTokens) })) out[ev.index]!.push(...ev.tokens);
+  return out;
+}
+
+const prompt = (i: number): string => `<|im_start|>user\nsequence ${i}: ${'words '.repeat(i * 3)}<|im_end|>\n<|im_start|>assistant\n`;
+
+t.test('the layout follows the size', async (t) => {
+  const { model } = await tinyModel();
+  for (const [nCtx, layout] of [[2048, 'per-sequence'], [1536, 'unified']] as const) {
+    const engine = new Engine({ model, nCtx, maxModelLen: 512, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
+    t.equal(engine.info.kvCache.layout, layout, `${nCtx} cells for 4 x 512`);
+    await engine.close();
+  }
+  const noLimit = new Engine({ model, nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
+  t.equal(noLimit.info.kvCache.layout, 'unified', 'no --max-model-len: one pool');
+  await noLimit.close();
+});
+
+t.test('a stream per sequence: batching, n choices, full length and images', async (t) => {
+  const { model, mmproj } = await tinyModel();
+  const engine = new Engine({ model, mmproj, nCtx: 4 * 512, maxModelLen: 512, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
+  t.teardown(() => engine.close());
+  t.equal(engine.info.kvCache.layout, 'per-sequence');
+
+  const solo: number[][] = [];
+  for (let i = 0; i < 4; i++) solo.push((await run(engine, prompt(i), 1, 24))[0]!);
+  const together = await Promise.all([0, 1, 2, 3].map(async (i) => (await run(engine, prompt(i), 1, 24))[0]!));
+  t.same(together, solo, '4 sequences decoded together: the tokens each gets alone');
+
+  const choices = await run(engine, prompt(1), 3, 24);
+  t.same(choices, [solo[1], solo[1], solo[1]], 'n = 3 greedy choices (prompt copied to two more streams) equal n = 1');
+
+  const promptTokens = engine.tokenize(prompt(0), true, true).length;
+  const long = (await run(engine, prompt(0), 1, 512 - promptTokens - 1))[0]!;
+  t.equal(long.length, 512 - promptTokens - 1, 'a request up to --max-model-len fits its stream');
+
+  const rgb = Buffer.alloc(224 * 224 * 3);
+  for (let i = 0; i < rgb.length; i++) rgb[i] = (i * 37) % 251;
+  const image = { width: 224, height: 224, rgb };
+  const withImage = `<|im_start|>user\n<|vision_start|>${engine.info.mediaMarker}<|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n`;
+  const one = await run(engine, withImage, 1, 12, [image]);
+  const two = await run(engine, withImage, 2, 12, [image]);
+  t.same(two, [one[0], one[0]], 'an image request: its choices equal n = 1');
+});
