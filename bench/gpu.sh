@@ -106,7 +106,7 @@ main() {
     log "unpacked into $U ($(du -sh "$U" | cut -f1)); checking that the trimmed llama.cpp configures (tools on, CPU)"
     local P="$U/proj"
     mkdir -p "$P/deps"
-    for f in CMakeLists.txt package.json native kernels; do ln -s "$ROOT/$f" "$P/$f"; done
+    for f in CMakeLists.txt package.json native kernels test; do ln -s "$ROOT/$f" "$P/$f"; done  # what CMakeLists.txt reads
     ln -s "$U/node_modules" "$P/node_modules"
     ln -s "$U/deps/llama.cpp" "$P/deps/llama.cpp"
     if (cd "$P" && PATH="$U/bin:$PATH" node node_modules/cmake-js/bin/cmake-js configure --directory "$P" --out "$P/build" \
