@@ -195,6 +195,15 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     batch_ = llama_batch_init((int32_t) opts_.n_batch, 0, 1);
     for (int32_t i = (int32_t) opts_.max_seqs - 1; i >= 0; i--) free_seq_ids_.push_back(i);
 
+    prep_ = std::make_unique<PromptPrep>(
+        [this](const std::string & prompt, std::vector<Image> && images) { return prepare(prompt, std::move(images)); },
+        [this] {
+            {
+                std::lock_guard<std::mutex> lk(mu_);
+                prompt_ready_ = true;
+            }
+            cv_.notify_one();
+        });
     thread_ = std::thread([this] { loop(); });
 }
 
@@ -232,6 +241,7 @@ void Engine::stop() {
     }
     cv_.notify_one();
     if (thread_.joinable()) thread_.join();
+    prep_.reset();
     vision_.reset();
 }
 
@@ -307,8 +317,9 @@ void Engine::loop() {
             if (stopping_) break;
             if (idle) {
                 // Nothing to decode: sleep until a request, a cancel or an encoded image arrives.
-                cv_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty() || vision_ready_; });
+                cv_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty() || vision_ready_ || prompt_ready_; });
                 vision_ready_ = false;
+                prompt_ready_ = false;
                 if (stopping_) break;
             }
         }
@@ -318,6 +329,7 @@ void Engine::loop() {
     take_inbox();
     for (auto & seq : running_) finish(seq, "abort");
     while (!waiting_.empty()) {
+        forget_prepared(waiting_.front().id);
         end_unadmitted(waiting_.front(), "abort");
         waiting_.pop_front();
     }
@@ -342,6 +354,7 @@ void Engine::take_inbox() {
     }
     for (auto it = waiting_.begin(); it != waiting_.end();) {
         if (ids.count(it->id)) {
+            forget_prepared(it->id);
             end_unadmitted(*it, "abort");
             it = waiting_.erase(it);
         } else {
@@ -350,23 +363,27 @@ void Engine::take_inbox() {
     }
 }
 
-bool Engine::prepare_prompt(Sequence & seq, std::string & error) {
-    const Request & req = seq.req;
-    if (!req.images.empty() && !mtmd_) {
-        error = "this model has no vision encoder (start the server with --mmproj) and cannot take images";
-        return false;
+// Runs on the prompt-prep thread: reads only what is fixed after construction (vocab, mtmd, limits).
+PreparedPrompt Engine::prepare(const std::string & prompt, std::vector<Image> && images) const {
+    PreparedPrompt out;
+    out.images = std::move(images);
+    const auto fail = [&](const std::string & why) {
+        out.error = why;
+        return std::move(out);
+    };
+    if (!out.images.empty() && !mtmd_) {
+        return fail("this model has no vision encoder (start the server with --mmproj) and cannot take images");
     }
     if (!mtmd_) {
         PromptPart p;
-        p.tokens = tokenize(req.prompt, true, true);
-        seq.parts.push_back(std::move(p));
+        p.tokens = tokenize(prompt, true, true);
+        out.parts.push_back(std::move(p));
     } else {
         std::vector<mtmd::bitmap> bitmaps;
         std::vector<const mtmd_bitmap *> ptrs;
-        for (const auto & img : req.images) {
+        for (const auto & img : out.images) {
             if (img.rgb.size() != (size_t) img.width * img.height * 3 || img.width == 0 || img.height == 0) {
-                error = "image buffer does not match its size";
-                return false;
+                return fail("image buffer does not match its size");
             }
             bitmaps.emplace_back(img.width, img.height, img.rgb.data());
             // The id keys the image-embedding cache: pixels and size (preprocessing is fixed per mmproj).
@@ -375,21 +392,16 @@ bool Engine::prepare_prompt(Sequence & seq, std::string & error) {
             mtmd_bitmap_set_id(bitmaps.back().ptr.get(), id.c_str());
             ptrs.push_back(bitmaps.back().ptr.get());
         }
-        seq.chunks = SharedChunks(mtmd_input_chunks_init(), mtmd_input_chunks_free);
-        mtmd_input_text text{req.prompt.c_str(), req.prompt.size(), true, true};
-        const int32_t rc = mtmd_tokenize(mtmd_, seq.chunks.get(), &text, ptrs.data(), ptrs.size());
+        out.chunks = SharedChunks(mtmd_input_chunks_init(), mtmd_input_chunks_free);
+        mtmd_input_text text{prompt.c_str(), prompt.size(), true, true};
+        const int32_t rc = mtmd_tokenize(mtmd_, out.chunks.get(), &text, ptrs.data(), ptrs.size());
         if (rc == 1) {
-            error = "the prompt has " + std::string("a different number of image markers than images (") +
-                    std::to_string(req.images.size()) + " images)";
-            return false;
+            return fail("the prompt has a different number of image markers than images (" + std::to_string(out.images.size()) + " images)");
         }
-        if (rc != 0) {
-            error = "image preprocessing failed";
-            return false;
-        }
-        const size_t n = mtmd_input_chunks_size(seq.chunks.get());
+        if (rc != 0) return fail("image preprocessing failed");
+        const size_t n = mtmd_input_chunks_size(out.chunks.get());
         for (size_t i = 0; i < n; i++) {
-            const mtmd_input_chunk * c = mtmd_input_chunks_get(seq.chunks.get(), i);
+            const mtmd_input_chunk * c = mtmd_input_chunks_get(out.chunks.get(), i);
             PromptPart p;
             if (mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
                 size_t nt = 0;
@@ -399,30 +411,40 @@ bool Engine::prepare_prompt(Sequence & seq, std::string & error) {
             } else {
                 p.media = c;
             }
-            seq.parts.push_back(std::move(p));
+            out.parts.push_back(std::move(p));
         }
     }
-    for (const auto & p : seq.parts) seq.prompt_cells += p.n_cells();
-    if (seq.prompt_cells == 0) {
-        error = "the prompt is empty";
-        return false;
+    for (const auto & p : out.parts) out.prompt_cells += p.n_cells();
+    if (out.prompt_cells == 0) return fail("the prompt is empty");
+    if (out.parts.back().media) return fail("the prompt must not end with an image");
+    if ((uint32_t) out.prompt_cells >= max_model_len_) {
+        return fail("This model's maximum context length is " + std::to_string(max_model_len_) +
+                    " tokens. However, your prompt has " + std::to_string(out.prompt_cells) + " tokens.");
     }
-    if (seq.parts.back().media) {
-        error = "the prompt must not end with an image";
-        return false;
+    return out;
+}
+
+void Engine::prepare_ahead() {
+    // The next requests in line (as many as could be admitted at once) are prepared ahead; the
+    // rest wait unprepared, so prepared images held in memory stay bounded.
+    size_t k = 0;
+    for (auto & req : waiting_) {
+        if (k++ >= opts_.max_seqs) break;
+        if (!prep_sent_.insert(req.id).second) continue;
+        prep_->submit(req.id, req.prompt, std::move(req.images));
     }
-    if ((uint32_t) seq.prompt_cells >= max_model_len_) {
-        error = "This model's maximum context length is " + std::to_string(max_model_len_) +
-                " tokens. However, your prompt has " + std::to_string(seq.prompt_cells) + " tokens.";
-        return false;
-    }
-    return true;
+}
+
+void Engine::forget_prepared(int64_t id) {
+    if (prep_sent_.erase(id)) prep_->drop(id);
+    prepared_.erase(id);
 }
 
 void Engine::admit() {
     while (!waiting_.empty()) {
         const int32_t n = waiting_.front().n;
         if (n < 1 || (uint32_t) n > opts_.max_seqs) {
+            forget_prepared(waiting_.front().id);
             end_unadmitted(waiting_.front(), "error", 0,
                            "n must be between 1 and " + std::to_string(opts_.max_seqs) + " (the number of sequences, --max-num-seqs)");
             waiting_.pop_front();
@@ -431,24 +453,33 @@ void Engine::admit() {
         if (free_seq_ids_.size() < (size_t) n) break;
         // Preempted sequences resume before anything new starts.
         if (std::any_of(running_.begin(), running_.end(), [](const Sequence & q) { return q.resume_pending; })) break;
-        Sequence seq;
-        seq.req = std::move(waiting_.front());
-        std::string error;
-        if (!prepare_prompt(seq, error)) {
+        const int64_t id = waiting_.front().id;
+        auto ready = prepared_.find(id);
+        if (ready == prepared_.end()) {
+            PreparedPrompt p;
+            if (!prep_->take(id, p)) break;  // still being prepared: admission stays in order
+            prep_sent_.erase(id);
+            ready = prepared_.emplace(id, std::move(p)).first;
+        }
+        if (!ready->second.error.empty()) {
+            end_unadmitted(waiting_.front(), "error", ready->second.prompt_cells, ready->second.error);
+            prepared_.erase(ready);
             waiting_.pop_front();
-            end_unadmitted(seq.req, "error", seq.prompt_cells, error);
             continue;
         }
+        Sequence seq;
+        seq.prompt_cells = ready->second.prompt_cells;
         // n = 1 needs room for its prompt and a first token; n > 1 reserves the shared prompt plus
         // every choice's whole output (capped at the pool, so that alone it always starts).
-        const int64_t out_cells = std::min<int64_t>(std::max(seq.req.sampling.max_tokens, 1), (int64_t) max_model_len_ - seq.prompt_cells);
+        const int64_t out_cells = std::min<int64_t>(std::max(waiting_.front().sampling.max_tokens, 1), (int64_t) max_model_len_ - seq.prompt_cells);
         const int64_t want = n == 1 ? seq.prompt_cells + 1 : std::min<int64_t>(seq.prompt_cells + n * out_cells, info_.n_ctx);
-        if (cells_committed(true) + want + growth_watermark() > (int64_t) info_.n_ctx) {
-            // Not enough free cells now: put it back (tokenization is redone later; cheap next to decoding).
-            waiting_.front() = std::move(seq.req);
-            break;
-        }
+        if (cells_committed(true) + want + growth_watermark() > (int64_t) info_.n_ctx) break;  // not enough free cells yet
+        seq.req = std::move(waiting_.front());
         waiting_.pop_front();
+        seq.chunks = std::move(ready->second.chunks);
+        seq.parts = std::move(ready->second.parts);
+        seq.req.images = std::move(ready->second.images);
+        prepared_.erase(ready);
         seq.orig_parts = seq.parts.size();
         if (n > 1) {
             // Choices 1..n-1 each hold an equal share of the output cells; choice 0 holds the rest.
@@ -632,7 +663,9 @@ int32_t Engine::decode_image_rows(const Sequence & seq, const PromptPart & part,
 bool Engine::step() {
     take_inbox();
     release_finished();
+    prepare_ahead();
     admit();
+    prepare_ahead();
     n_running_ = (uint32_t) running_.size();
     n_waiting_ = (uint32_t) waiting_.size();
     if (running_.empty()) {

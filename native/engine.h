@@ -7,6 +7,7 @@
 #include "kv-plan.h"
 #include "llama.h"
 #include "parallel-for.h"
+#include "prompt-prep.h"
 #include "mtmd.h"
 #include "sequence.h"
 #include "types.h"
@@ -22,6 +23,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace caprl {
@@ -69,7 +72,9 @@ class Engine {
     bool step();  // one scheduler step; false when it made no progress (nothing to do, or only waiting on images)
     void take_inbox();
     void admit();
-    bool prepare_prompt(Sequence & seq, std::string & error);
+    PreparedPrompt prepare(const std::string & prompt, std::vector<Image> && images) const;  // prep thread
+    void prepare_ahead();                  // hands the next waiting requests to the prep thread
+    void forget_prepared(int64_t id);      // a waiting request ended
     // Decodes up to max_rows rows of the current image's embeddings into the KV cache; returns the
     // rows decoded, or -1 while the image is still being encoded.
     int32_t prefill_image(Sequence & seq, int32_t max_rows);
@@ -121,10 +126,14 @@ class Engine {
     std::vector<int64_t> cancels_;
     bool stopping_ = false;
     bool vision_ready_ = false;  // an image finished encoding since the engine thread last waited
+    bool prompt_ready_ = false;  // a prompt was prepared since then
     std::thread thread_;
 
     // Engine thread only.
     std::deque<Request> waiting_;
+    std::unique_ptr<PromptPrep> prep_;
+    std::unordered_set<int64_t> prep_sent_;                    // waiting requests handed to prep_
+    std::unordered_map<int64_t, PreparedPrompt> prepared_;     // taken from prep_, not admitted yet
     std::list<Sequence> running_;
     std::vector<llama_seq_id> free_seq_ids_;
     int64_t reserved_cells_ = 0;
