@@ -6,8 +6,12 @@
     {
       "target_name": "caprl_engine",
       "sources": [
+        "native/addon-vision.cpp",
         "native/addon.cpp",
         "native/engine.cpp",
+        "native/kv-plan.cpp",
+        "native/prompt-prep.cpp",
+        "native/qwen-vision-encoder.cpp",
         "native/sampler.cpp",
         "native/text-stream.cpp",
         "native/vision-worker.cpp"
@@ -17,7 +21,9 @@
         "deps/llama.cpp/include",
         "deps/llama.cpp/ggml/include",
         "deps/llama.cpp/common",
-        "deps/llama.cpp/tools/mtmd"
+        "deps/llama.cpp/tools/mtmd",
+        "deps/llama.cpp/src",
+        "kernels"
       ],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_CPP_EXCEPTIONS"],
       "cflags_cc": ["-std=c++17", "-fexceptions"]
