@@ -18,7 +18,8 @@
 # /tmp/caprl-gpu-dry), BUDGET (seconds for the whole script, default 570), JOBS (default nproc),
 # CAPRL_CUDA_ARCHS (default 90a), BENCH_CONCURRENCY (1,8,32,64), BENCH_REQUESTS (4,16,32,64),
 # BENCH_TOKENS (256), BENCH_SIZES (1024x1024), BENCH_DTYPES (f16; e.g. f16,q8_0),
-# LLAMA_SERVER (a llama-server binary to use instead of build/bin/llama-server), SKIP_GPU_CHECK=1.
+# LLAMA_SERVER (a llama-server binary to use instead of build/bin/llama-server), SKIP_GPU_CHECK=1,
+# BENCH_CAPRL_VISION=0 (benchmark caprl with llama.cpp's vision encoder only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -223,9 +224,11 @@ main() {
   else log "build/bin/caprl-sampler-check missing"; fi
 
   # ---------------------------------------------------------------- bench
-  phase "bench: caprl vs llama-server, c=$CONC, requests $REQS, $SIZES, $TOKENS tokens"
+  phase "bench: caprl (and caprl-vision) vs llama-server, c=$CONC, requests $REQS, $SIZES, $TOKENS tokens"
   local servers=() ls_bin=${LLAMA_SERVER:-$ROOT/build/bin/llama-server}
-  if [ -f build/Release/caprl_engine.node ] && [ -f dist/src/entrypoints/openai/serve.js ]; then servers+=(caprl)
+  # caprl-vision: caprl with --vision-encoder caprl (BENCH_CAPRL_VISION=0 leaves it out).
+  if [ -f build/Release/caprl_engine.node ] && [ -f dist/src/entrypoints/openai/serve.js ]; then
+    servers+=(caprl); [ "${BENCH_CAPRL_VISION:-1}" = 1 ] && servers+=(caprl-vision)
   else log "caprl not benchmarked: build/Release/caprl_engine.node or dist/src/entrypoints/openai/serve.js missing"; fi
   if [ -x "$ls_bin" ]; then servers+=(llama-server)
   else log "llama-server not benchmarked: $ls_bin missing (bench/build-llama-server.sh; or LLAMA_SERVER=...)"; fi

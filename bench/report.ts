@@ -69,7 +69,9 @@ const COLUMNS: Column[] = [
 /** The markdown report: header, one row per (level, server), and a ratio row where two servers ran. */
 export function markdownReport(r: BenchReport): string {
   const names = [...new Set(r.levels.map((l) => l.server))];
-  const [ours, theirs] = names.includes('caprl') && names.length > 1 ? ['caprl', names.find((n) => n !== 'caprl')!] : [names[0], names[1]];
+  // Every other server is compared with llama-server (or, without it, with the second server).
+  const theirs: string | undefined = names.includes('llama-server') ? 'llama-server' : names[1];
+  const ours = names.filter((n) => n !== theirs);
   const lines: string[] = [];
   lines.push(`# caprl-serve benchmark: ${r.machine.label}`);
   lines.push('');
@@ -97,13 +99,16 @@ export function markdownReport(r: BenchReport): string {
       lines.push(`| ${c} | ${l.server}${l.truncated ? ' (truncated)' : ''} | ${COLUMNS.map((col) => fmt(col.get(l), col.digits)).join(' | ')} | ` +
         `${l.completed}/${l.requests} | ${fmt(l.rssPeakMiB, 0)} | ${fmt(l.gpuPeakMiB, 0)} |`);
     }
-    const a = at.find((l) => l.server === ours), b = at.find((l) => l.server === theirs);
-    if (a && b) {
-      lines.push(`| ${c} | **${ours} / ${theirs}** | ${COLUMNS.map((col) => ratio(col.get(a), col.get(b))).join(' | ')} | | ${ratio(a.rssPeakMiB, b.rssPeakMiB)} | ${ratio(a.gpuPeakMiB, b.gpuPeakMiB)} |`);
+    const b = at.find((l) => l.server === theirs);
+    for (const o of ours) {
+      const a = at.find((l) => l.server === o);
+      if (a && b) {
+        lines.push(`| ${c} | **${o} / ${theirs}** | ${COLUMNS.map((col) => ratio(col.get(a), col.get(b))).join(' | ')} | | ${ratio(a.rssPeakMiB, b.rssPeakMiB)} | ${ratio(a.gpuPeakMiB, b.gpuPeakMiB)} |`);
+      }
     }
   }
   lines.push('');
-  if (theirs) lines.push(`Ratios are ${ours} / ${theirs}: above 1 is better for captions/s and tok/s, below 1 is better for times and memory.`);
+  if (theirs) lines.push(`Ratios are each server / ${theirs}: above 1 is better for captions/s and tok/s, below 1 is better for times and memory.`);
   lines.push('TTFT: request sent to first generated text; TPOT: (last - first token) / (tokens - 1) per request; ITL: gaps between streamed chunks; percentiles interpolate linearly (numpy default).');
   const errs = r.levels.filter((l) => l.errors.length);
   for (const l of errs) lines.push(`- errors ${l.server} c=${l.concurrency}: ${l.errors.join(' | ')}`);

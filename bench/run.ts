@@ -27,7 +27,8 @@ targets (one of):
   --model PATH --mmproj P   start caprl (node bin/caprl.js serve) and llama-server with equivalent
                             settings and run the same workload against each, side by side
 options:
-  --servers LIST            with --model: which to start (default caprl,llama-server)
+  --servers LIST            with --model: which to start: caprl, caprl-vision (caprl with
+                            --vision-encoder caprl), llama-server (default caprl,llama-server)
   --llama-server PATH       llama-server binary (default $LLAMA_SERVER or build/bin/llama-server;
                             build it with bench/build-llama-server.sh)
   --model-name NAME         \`model\` sent to --endpoint (default caprl)
@@ -197,13 +198,15 @@ export async function main(argv: string[]): Promise<number> {
       for (const name of which) {
         const port = await freePort();
         let spec: ServerSpec;
-        if (name === 'caprl') {
+        if (name === 'caprl' || name === 'caprl-vision') {
           const args = [path.join(root, 'bin', 'caprl.js'), 'serve', v.model!, '--mmproj', v.mmproj!, '--host', '127.0.0.1', '--port', String(port),
             '--served-model-name', 'caprl', '--max-num-seqs', String(slots), '--max-model-len', String(ctxPerSlot),
             '--kv-cache-tokens', String(slots * ctxPerSlot), '--n-gpu-layers', String(ngl ?? -1), '--uvicorn-log-level', 'warning'];
           if (threads !== undefined) args.push('--threads', String(threads));
+          // caprl-vision: the same server with our batched vision encoder instead of llama.cpp's clip.
+          if (name === 'caprl-vision') args.push('--vision-encoder', 'caprl');
           if (v['caprl-args']) args.push(...v['caprl-args'].split(/\s+/).filter(Boolean));
-          spec = { name, command: process.execPath, args, port, modelName: 'caprl', logFile: path.join(logDir, 'caprl.log') };
+          spec = { name, command: process.execPath, args, port, modelName: 'caprl', logFile: path.join(logDir, `${name}.log`) };
         } else if (name === 'llama-server') {
           const bin = findLlamaServer(root, v['llama-server']);
           if (!bin) throw new Error('llama-server not found: build it with bench/build-llama-server.sh, or pass --llama-server PATH');
@@ -213,7 +216,7 @@ export async function main(argv: string[]): Promise<number> {
           if (v['llama-args']) args.push(...v['llama-args'].split(/\s+/).filter(Boolean));
           spec = { name, command: bin, args, port, modelName: 'caprl', logFile: path.join(logDir, 'llama-server.log') };
         } else {
-          throw new Error(`--servers: unknown server "${name}" (caprl, llama-server)`);
+          throw new Error(`--servers: unknown server "${name}" (caprl, caprl-vision, llama-server)`);
         }
         log(`starting ${name}: ${spec.command} ${spec.args.join(' ')}`);
         let server: ManagedServer;

@@ -169,6 +169,24 @@ t.test('report: ratio row for two servers', async (t) => {
   t.match(md, /\| 1 \| \*\*caprl \/ llama-server\*\* \| 2\.00x \| 1\.00x \|/);
 });
 
+t.test('report: each caprl variant gets a ratio row against llama-server', async (t) => {
+  const s = summarize(1, [{ ok: true, start: 0, firstToken: 100, lastToken: 1100, end: 1100, completionTokens: 11, itl: [100], chunks: 11 }]);
+  const r: BenchReport = {
+    version: 1, startedAt: 'x', machine: { hostname: 'h', cpu: 'cpu', cores: 2, memoryGiB: 1, gpus: [], label: 'test machine' },
+    config: { prompt: 'p', imageSizes: ['448x448'], outputTokens: 11, concurrency: [1], requestsPerLevel: [1], warmup: 0 },
+    servers: [], notes: [],
+    levels: [
+      { ...s, server: 'caprl', order: 0 },
+      { ...s, captionsPerS: s.captionsPerS * 1.5, server: 'caprl-vision', order: 1 },
+      { ...s, captionsPerS: s.captionsPerS / 2, server: 'llama-server', order: 2 },
+    ],
+  };
+  const md = markdownReport(r);
+  t.match(md, /\| 1 \| \*\*caprl \/ llama-server\*\* \| 2\.00x \|/);
+  t.match(md, /\| 1 \| \*\*caprl-vision \/ llama-server\*\* \| 3\.00x \|/);
+  t.notMatch(md, /caprl \/ caprl-vision/);
+});
+
 t.test('bench --endpoint end to end against the fake server', async (t) => {
   const srv = await fakeServer({ gap: 2 });
   const out = mkdtempSync(path.join(os.tmpdir(), 'caprl-bench-test-'));

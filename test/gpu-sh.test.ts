@@ -52,5 +52,11 @@ t.test('gpu.sh --dry-run end to end (tiny model, CPU)', {
   const rep = JSON.parse(readFileSync(path.join(out, 'bench-tiny-f16.json'), 'utf8')) as { levels: { server: string; completed: number; requests: number }[] };
   t.ok(rep.levels.length >= 2, 'levels ran');
   t.ok(rep.levels.every((l) => l.completed === l.requests), 'every request completed');
+  if (haveAddon) {
+    const servers = new Set(rep.levels.map((l) => l.server));
+    t.ok(servers.has('caprl') && servers.has('caprl-vision'), `caprl with both vision encoders benchmarked (${[...servers].join(', ')})`);
+    t.match(res.stdout, /KV cache: \d+ tokens, .* sized by --gpu-memory-utilization 0\.9/, 'the KV sizing step printed its choice');
+    t.match(res.stdout, /\| mode \| logits \| llama\.cpp chain ms\/token \| direct ms\/token/, 'the sampler benchmark ran');
+  }
   t.match(readFileSync(path.join(out, 'gpu.log'), 'utf8'), /\[gpu\.sh \d\d:\d\d:\d\d \+\s*\d+s\] == bench/, 'timestamped phases');
 });
