@@ -47,7 +47,9 @@ int32_t projection_dim(const std::string & mmproj) {
 class VisionEncoderWrap : public Napi::ObjectWrap<VisionEncoderWrap> {
   public:
     static Napi::Function Init(Napi::Env env) {
-        return DefineClass(env, "VisionEncoder", {InstanceMethod("encode", &VisionEncoderWrap::Encode)});
+        return DefineClass(env, "VisionEncoder", {InstanceMethod("encode", &VisionEncoderWrap::Encode),
+                                                  InstanceMethod("reserve", &VisionEncoderWrap::Reserve),
+                                                  InstanceMethod("memory", &VisionEncoderWrap::Memory)});
     }
 
     // options: { model, mmproj, encoder: 'caprl' | 'llama.cpp', nThreads?, useGpu? }
@@ -138,6 +140,26 @@ class VisionEncoderWrap : public Napi::ObjectWrap<VisionEncoderWrap> {
         return r;
     }
 
+    // reserve(): allocates our encoder's compute buffers for its largest graph (no-op for clip).
+    Napi::Value Reserve(const Napi::CallbackInfo & info) {
+        try {
+            if (ours_) ours_->reserve();
+        } catch (const std::exception & e) {
+            throw Napi::Error::New(info.Env(), e.what());
+        }
+        return info.Env().Undefined();
+    }
+
+    // memory() -> { maxPatches, devices: [...] } for ours, null for clip.
+    Napi::Value Memory(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        if (!ours_) return env.Null();
+        Napi::Object r = Napi::Object::New(env);
+        r.Set("maxPatches", (double) ours_->max_patches());
+        r.Set("devices", vision_memory_to_js(env, ours_->memory()));
+        return r;
+    }
+
     std::unique_ptr<QwenVisionEncoder> ours_;
     llama_model * model_ = nullptr;
     mtmd_context * mtmd_ = nullptr;
@@ -145,6 +167,19 @@ class VisionEncoderWrap : public Napi::ObjectWrap<VisionEncoderWrap> {
 };
 
 }  // namespace
+
+Napi::Array vision_memory_to_js(Napi::Env env, const std::vector<QwenVisionEncoder::DeviceBytes> & memory) {
+    Napi::Array a = Napi::Array::New(env, memory.size());
+    for (size_t i = 0; i < memory.size(); i++) {
+        Napi::Object d = Napi::Object::New(env);
+        d.Set("device", memory[i].device);
+        d.Set("host", memory[i].host);
+        d.Set("weightsBytes", (double) memory[i].weights);
+        d.Set("computeBytes", (double) memory[i].compute);
+        a.Set((uint32_t) i, d);
+    }
+    return a;
+}
 
 Napi::Function vision_encoder_class(Napi::Env env) {
     return VisionEncoderWrap::Init(env);

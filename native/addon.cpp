@@ -270,6 +270,16 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         k.Set("nonKvBytes", (double) kv.non_kv_bytes);
         k.Set("memoryFraction", kv.memory_fraction);
         o.Set("kvCache", k);
+        const auto & ve = i.vision_encoder;
+        if (ve.kind.empty()) {
+            o.Set("visionEncoder", env.Null());
+        } else {
+            Napi::Object v = Napi::Object::New(env);
+            v.Set("kind", ve.kind);
+            v.Set("maxPatches", (double) ve.max_patches);
+            v.Set("devices", vision_memory_to_js(env, ve.memory));
+            o.Set("visionEncoder", v);
+        }
         return o;
     }
 

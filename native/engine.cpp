@@ -87,6 +87,8 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
         if (opts_.vision_encoder == "caprl") {
             try {
                 caprl_vision_ = std::make_unique<QwenVisionEncoder>(opts_.mmproj, mparams.use_gpu, (int) vision_threads);
+                // As clip's warm-up: its compute buffers exist before the free memory is read.
+                if (size_by_memory) caprl_vision_->reserve();
             } catch (...) {
                 mtmd_free(mtmd_);
                 llama_model_free(model_);
@@ -116,6 +118,10 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
             std::error_code ec;
             kv.vision_bytes = std::filesystem::file_size(opts_.mmproj, ec);  // counted only in host memory
             if (ec) kv.vision_bytes = 0;
+        }
+        // Our encoder's own copy of the weights and its buffers; on a GPU the free memory shows them.
+        if (caprl_vision_) {
+            for (const auto & d : caprl_vision_->memory()) kv.vision_bytes += d.host ? d.weights + d.compute : 0;
         }
         cp.n_ctx = plan_kv_cache(kv, mp, cp, kv_dev, mem_at_start, device_memory(kv_dev), info_.kv_cache);
     } catch (...) {
@@ -175,6 +181,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     info_.n_ctx_train = llama_model_n_ctx_train(model_);
     info_.n_vocab = n_vocab;
     info_.has_vision = mtmd_ && mtmd_support_vision(mtmd_);
+    if (caprl_vision_) info_.vision_encoder = {"caprl", caprl_vision_->max_patches(), caprl_vision_->memory()};
     info_.max_seqs = opts_.max_seqs;
     info_.n_layers = llama_model_n_layer(model_) + 1;
     bool has_gpu = false;

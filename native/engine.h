@@ -41,6 +41,12 @@ struct EngineInfo {
     int32_t n_layers = 0;          // repeating layers + output layer, as llama.cpp counts for offload
     int32_t n_gpu_layers = 0;      // of those, on a GPU
     KvCacheReport kv_cache;
+    // Our vision encoder (EngineOptions vision_encoder "caprl"); kind empty with llama.cpp's clip.
+    struct VisionEncoderReport {
+        std::string kind;
+        int64_t max_patches = 0;  // per graph: what its compute buffers are sized for
+        std::vector<QwenVisionEncoder::DeviceBytes> memory;  // at start-up
+    } vision_encoder;
 };
 
 struct ChatMessage {

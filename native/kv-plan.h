@@ -46,7 +46,7 @@ struct KvCacheRequest {
     uint32_t max_cells = 0;       // more is useless: every sequence at its longest
     uint32_t min_cells = 0;       // one sequence at its longest (--max-model-len)
     std::string model_path;
-    uint64_t vision_bytes = 0;    // mmproj weights, when they sit in host memory (CPU device)
+    uint64_t vision_bytes = 0;    // vision weights and buffers in host memory (counted when the KV cache is there)
 };
 
 // Cells for the request. `at_start` is the device's memory before the engine loaded anything,

@@ -26,6 +26,13 @@ constexpr int kMaxPixels = 4096 * CAPRL_GRID_FACTOR * CAPRL_GRID_FACTOR;
 // Images per graph: bounds the node count (full-attention blocks add nodes per image).
 constexpr size_t kMaxImagesPerGraph = 64;
 constexpr size_t kSchedNodes = 65536;
+// The largest image mtmd makes (kMaxPixels), in patches: the smallest useful graph capacity.
+constexpr int64_t kMaxImagePatches = (int64_t) kMaxPixels / (kPatch * kPatch);
+// Window slots a graph may hold per patch: edge windows are padded (a 1036x1036 image fills 86%
+// of its slots); a graph past either bound is split.
+constexpr int64_t kSlotsPerPatchNum = 5, kSlotsPerPatchDen = 4;
+// A two-image graph is reserved only where its buffers take at most this share of the GPU.
+constexpr int64_t kMaxComputeShareDen = 10;
 
 struct Layer {
     ggml_tensor *ln1, *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;
@@ -75,6 +82,15 @@ struct QwenVisionEncoder::Impl {
     ggml_tensor *post_ln_w = nullptr, *post_ln_b = nullptr;
     ggml_tensor *mm0_w = nullptr, *mm0_b = nullptr, *mm2_w = nullptr, *mm2_b = nullptr;
     std::vector<Layer> layers;
+    int64_t max_patches = kMaxImagePatches;
+
+    // The graph of one batch and its inputs; owns its context.
+    struct Graph {
+        ggml_context * ctx = nullptr;
+        ggml_cgraph * gf = nullptr;
+        ggml_tensor *patches = nullptr, *positions = nullptr, *gather = nullptr, *scatter = nullptr, *mask = nullptr, *out = nullptr;
+        ~Graph() { if (ctx) ggml_free(ctx); }
+    };
 
     ~Impl() {
         if (sched) ggml_backend_sched_free(sched);
@@ -88,6 +104,12 @@ struct QwenVisionEncoder::Impl {
     BatchLayout layout(const std::vector<const Image *> & images) const;
     ggml_tensor * attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, bool full,
                             const BatchLayout & lay, ggml_tensor * gather, ggml_tensor * scatter, ggml_tensor * mask) const;
+    int window_slots() const { return (grid_window * kMerge) * (grid_window * kMerge); }
+    int64_t max_slots() const { return max_patches * kSlotsPerPatchNum / kSlotsPerPatchDen; }
+    std::unique_ptr<Graph> build(const BatchLayout & lay) const;
+    BatchLayout worst_case(int64_t n_images) const;
+    std::vector<std::unique_ptr<Graph>> worst_graphs() const;
+    void reserve_sizes(size_t sizes[2]);
     void encode_graph(const std::vector<const Image *> & images, std::vector<std::vector<float>> & out);
 };
 
@@ -332,32 +354,28 @@ ggml_tensor * QwenVisionEncoder::Impl::attention(ggml_context * ctx, ggml_tensor
     return parts[0];
 }
 
-void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & images, std::vector<std::vector<float>> & out) {
-    const BatchLayout lay = layout(images);
+std::unique_ptr<QwenVisionEncoder::Impl::Graph> QwenVisionEncoder::Impl::build(const BatchLayout & lay) const {
     const int64_t C = n_embd, N = lay.n_tokens, d_head = n_embd / n_head;
-    const int64_t S = (int64_t) (grid_window * kMerge) * (grid_window * kMerge);
+    const int64_t S = window_slots();
     const bool windowed = std::any_of(layers.begin(), layers.end(), [](const Layer & L) { return !L.full_attn; });
 
-    const size_t n_nodes = 1024 + (size_t) n_layer * (64 + 12 * images.size());
+    const size_t n_nodes = 1024 + (size_t) n_layer * (64 + 12 * lay.image_start.size());
     ggml_init_params ip{ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false), nullptr, true};
-    ggml_context * ctx = ggml_init(ip);
-    struct CtxGuard {
-        ggml_context * c;
-        ~CtxGuard() { ggml_free(c); }
-    } ctx_guard{ctx};
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_nodes, false);
+    auto g = std::make_unique<Graph>();
+    ggml_context * ctx = g->ctx = ggml_init(ip);
+    ggml_cgraph * gf = g->gf = ggml_new_graph_custom(ctx, n_nodes, false);
 
     auto input = [&](ggml_tensor * t) {
         ggml_set_input(t);
         return t;
     };
-    ggml_tensor * patches = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kPatchElems, N));
-    ggml_tensor * positions = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 4 * N));
+    ggml_tensor * patches = g->patches = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kPatchElems, N));
+    ggml_tensor * positions = g->positions = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 4 * N));
     ggml_tensor *gather = nullptr, *scatter = nullptr, *mask = nullptr;
     if (windowed) {
-        gather = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, S * lay.n_windows));
-        scatter = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N));
-        mask = input(ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, S, 1, lay.n_windows));
+        gather = g->gather = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, S * lay.n_windows));
+        scatter = g->scatter = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N));
+        mask = g->mask = input(ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, S, 1, lay.n_windows));
     }
 
     ggml_tensor * pe = ggml_mul_mat(ctx, patch_w, patches);  // [2C, N]: both temporal slices
@@ -384,9 +402,51 @@ void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & im
     x = linear(ctx, ggml_gelu(ctx, linear(ctx, x, mm0_w, mm0_b)), mm2_w, mm2_b);
     ggml_set_output(x);
     ggml_build_forward_expand(gf, x);
+    g->out = x;
+    return g;
+}
+
+// Only the sizes matter to the allocator: the worker's largest pass as n_images equal images,
+// with every window slot a graph may hold.
+BatchLayout QwenVisionEncoder::Impl::worst_case(int64_t n_images) const {
+    BatchLayout lay;
+    lay.n_tokens = max_patches;
+    lay.n_windows = max_slots() / window_slots();
+    for (int64_t i = 0; i < n_images; i++) {
+        lay.image_start.push_back(i * max_patches / n_images);
+        lay.image_len.push_back(max_patches / n_images);
+    }
+    return lay;
+}
+
+// One graph of the largest images, one of the most images: the allocator keeps the larger of
+// each buffer, and the full-attention blocks' per-image parts make the two differ.
+std::vector<std::unique_ptr<QwenVisionEncoder::Impl::Graph>> QwenVisionEncoder::Impl::worst_graphs() const {
+    std::vector<std::unique_ptr<Graph>> out;
+    for (int64_t n : {max_patches / kMaxImagePatches, (int64_t) kMaxImagesPerGraph}) out.push_back(build(worst_case(std::max<int64_t>(1, n))));
+    return out;
+}
+
+// Compute bytes [backend, cpu] the worst-case graphs need; allocates nothing.
+void QwenVisionEncoder::Impl::reserve_sizes(size_t sizes[2]) {
+    sizes[0] = sizes[1] = 0;
+    for (const auto & g : worst_graphs()) {
+        size_t s[2] = {0, 0};
+        ggml_backend_sched_reserve_size(sched, g->gf, s);
+        sizes[0] = std::max(sizes[0], s[0]);
+        sizes[1] = std::max(sizes[1], s[1]);
+    }
+}
+
+void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & images, std::vector<std::vector<float>> & out) {
+    const BatchLayout lay = layout(images);
+    const int64_t N = lay.n_tokens, S = window_slots();
+    const auto g = build(lay);
+    ggml_tensor *patches = g->patches, *positions = g->positions, *gather = g->gather, *scatter = g->scatter, *mask = g->mask, *x = g->out;
+    const bool windowed = gather != nullptr;
 
     ggml_backend_sched_reset(sched);
-    if (!ggml_backend_sched_alloc_graph(sched, gf)) throw std::runtime_error("cannot allocate the vision graph");
+    if (!ggml_backend_sched_alloc_graph(sched, g->gf)) throw std::runtime_error("cannot allocate the vision graph");
     ggml_backend_tensor_set(patches, lay.patches.data(), 0, ggml_nbytes(patches));
     std::vector<int32_t> pos;
     pos.reserve(4 * N);
@@ -404,7 +464,7 @@ void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & im
         }
         ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
     }
-    if (ggml_backend_sched_graph_compute(sched, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("the vision graph failed");
+    if (ggml_backend_sched_graph_compute(sched, g->gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("the vision graph failed");
 
     std::vector<float> all((size_t) n_out * (N / 4));
     ggml_backend_tensor_get(x, all.data(), 0, ggml_nbytes(x));
@@ -438,6 +498,17 @@ QwenVisionEncoder::QwenVisionEncoder(const std::string & mmproj, bool use_gpu, i
     ggml_backend_t backends[2] = {m.backend, m.cpu};
     m.sched = ggml_backend_sched_new(backends, nullptr, m.backend == m.cpu ? 1 : 2, kSchedNodes, false, true);
     if (!m.sched) throw std::runtime_error("cannot create the vision scheduler");
+
+    // Two largest images per graph only on a GPU with room to spare: on the CPU a bigger graph
+    // buys no speed (its matmuls are already thousands of rows), only memory.
+    if (m.backend != m.cpu) {
+        m.max_patches = 2 * kMaxImagePatches;
+        size_t need[2];
+        m.reserve_sizes(need);
+        size_t free = 0, total = 0;
+        ggml_backend_dev_memory(ggml_backend_get_device(m.backend), &free, &total);
+        if (need[0] > total / kMaxComputeShareDen) m.max_patches = kMaxImagePatches;
+    }
 }
 
 QwenVisionEncoder::~QwenVisionEncoder() = default;
@@ -459,10 +530,54 @@ int64_t QwenVisionEncoder::n_patches(const Image & img) {
 }
 
 std::vector<std::vector<float>> QwenVisionEncoder::encode(const std::vector<const Image *> & images) {
+    const Impl & m = *impl_;
     std::vector<std::vector<float>> out;
-    for (size_t i = 0; i < images.size(); i += kMaxImagesPerGraph) {
-        const std::vector<const Image *> part(images.begin() + i, images.begin() + std::min(images.size(), i + kMaxImagesPerGraph));
-        impl_->encode_graph(part, out);
+    std::vector<const Image *> part;
+    int64_t patches = 0, slots = 0;
+    // Graphs within what reserve() sized: patches, padded window slots and image count.
+    for (const Image * img : images) {
+        int cw = 0, ch = 0;
+        canvas_size(img->width, img->height, cw, ch);
+        const int64_t uw = cw / CAPRL_GRID_FACTOR, uh = ch / CAPRL_GRID_FACTOR;
+        const int64_t p = 4 * uw * uh;
+        const int64_t s = ((uw + m.grid_window - 1) / m.grid_window) * ((uh + m.grid_window - 1) / m.grid_window) * m.window_slots();
+        if (!part.empty() && (part.size() == kMaxImagesPerGraph || patches + p > m.max_patches || slots + s > m.max_slots())) {
+            impl_->encode_graph(part, out);
+            part.clear();
+            patches = slots = 0;
+        }
+        part.push_back(img);
+        patches += p;
+        slots += s;
+    }
+    if (!part.empty()) impl_->encode_graph(part, out);
+    return out;
+}
+
+int64_t QwenVisionEncoder::max_patches() const { return impl_->max_patches; }
+
+void QwenVisionEncoder::reserve() {
+    Impl & m = *impl_;
+    for (const auto & g : m.worst_graphs()) {
+        if (!ggml_backend_sched_reserve(m.sched, g->gf)) {
+            throw std::runtime_error("cannot reserve the vision encoder's compute buffers on " + backend_name());
+        }
+    }
+}
+
+std::vector<QwenVisionEncoder::DeviceBytes> QwenVisionEncoder::memory() const {
+    const Impl & m = *impl_;
+    std::vector<DeviceBytes> out;
+    std::vector<ggml_backend_t> backends{m.backend};
+    if (m.cpu != m.backend) backends.push_back(m.cpu);  // ops the GPU lacks
+    for (ggml_backend_t b : backends) {
+        ggml_backend_dev_t dev = ggml_backend_get_device(b);
+        DeviceBytes d;
+        d.device = dev ? ggml_backend_dev_name(dev) : ggml_backend_name(b);
+        d.host = dev && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+        d.weights = b == m.backend ? ggml_backend_buffer_get_size(m.buf_w) : 0;
+        d.compute = ggml_backend_sched_get_buffer_size(m.sched, b);
+        out.push_back(d);
     }
     return out;
 }

@@ -29,8 +29,28 @@ class QwenVisionEncoder {
     static void canvas_size(uint32_t w, uint32_t h, int & canvas_w, int & canvas_h);
     static int64_t n_patches(const Image & img);
 
-    // Encodes all images in one graph; out[i] is image i's [n_patches_i / 4, n_embd_out] row-major.
+    // Encodes the images in as few graphs as the capacity allows (max_patches() patches each);
+    // out[i] is image i's [n_patches_i / 4, n_embd_out] row-major.
     std::vector<std::vector<float>> encode(const std::vector<const Image *> & images);
+
+    // Patches one graph holds: what reserve() sizes the compute buffers for, and the vision
+    // worker's per-pass budget. One largest image (16384 patches) on the CPU or where two would
+    // take more than a tenth of the GPU's memory; two on a larger GPU.
+    int64_t max_patches() const;
+
+    // Allocates the compute buffers of the largest graph encode() builds, now rather than at the
+    // first batch, so the engine can count them before it sizes the KV cache. Later batches reuse
+    // them (an image wider than the reserved windows, alone in its graph, may still grow them).
+    void reserve();
+
+    // Bytes held per device: weights and compute buffers (0 until reserve() or the first batch).
+    struct DeviceBytes {
+        std::string device;  // ggml's device name, e.g. "CPU", "CUDA0"
+        bool host = false;   // the buffers are in host memory
+        uint64_t weights = 0;
+        uint64_t compute = 0;
+    };
+    std::vector<DeviceBytes> memory() const;
 
   private:
     struct Impl;

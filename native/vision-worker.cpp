@@ -7,12 +7,6 @@
 
 namespace caprl {
 
-namespace {
-// Patches per pass of our encoder: enough for several large images (a 1024x1024 image is 5476
-// patches) while keeping the graph's activations to a few GB for the 3B model's tower.
-constexpr int64_t kBatchPatches = 32768;
-}  // namespace
-
 VisionWorker::VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready)
     : mtmd_(mtmd), encoder_(encoder), n_embd_(n_embd), on_ready_(std::move(on_ready)), cache_limit_(cache_bytes) {
     thread_ = std::thread([this] { loop(); });
@@ -123,8 +117,10 @@ void VisionWorker::loop() {
             std::unique_lock<std::mutex> lk(mu_);
             cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
             if (stopping_) return;
-            // mtmd: one image. Our encoder: every queued image that fits the patch budget (at least one).
+            // mtmd: one image. Our encoder: every queued image that fits one of its graphs, whose
+            // buffers it sized (reserve()) for that many patches (at least one image).
             const bool ours = encoder_ && queue_.front().image;
+            const int64_t budget = encoder_ ? encoder_->max_patches() : 0;
             int64_t patches = 0;
             while (!queue_.empty()) {
                 Job & next = queue_.front();
@@ -133,7 +129,7 @@ void VisionWorker::loop() {
                 try {
                     n = ours ? QwenVisionEncoder::n_patches(*next.image) : 0;
                 } catch (const std::exception &) {}  // the encoder reports the bad image
-                if (!jobs.empty() && patches + n > kBatchPatches) break;
+                if (!jobs.empty() && patches + n > budget) break;
                 patches += n;
                 busy_.insert(next.key);
                 jobs.push_back(std::move(next));

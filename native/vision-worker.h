@@ -1,7 +1,7 @@
 // Encodes image chunks on a thread of its own, so the decode loop never waits on the vision
 // encoder: the engine submits every image of a request when it is admitted and decodes the
 // embeddings into the KV cache once they are ready. With our own encoder (QwenVisionEncoder),
-// every queued image, up to a patch budget, is encoded in one pass.
+// every queued image, up to the encoder's graph capacity (max_patches()), is encoded in one pass.
 #pragma once
 
 #include "mtmd.h"

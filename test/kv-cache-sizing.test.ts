@@ -97,3 +97,37 @@ t.test('a share of the device memory (--gpu-memory-utilization)', async (t) => {
 
   await t.rejects(open({ memoryFraction: 1e-6 }), /one request of --max-model-len 2048 needs .* raise --gpu-memory-utilization or lower --max-model-len/);
 });
+
+t.test('our vision encoder reserves its buffers before the KV cache takes the share', async (t) => {
+  // With llama.cpp's clip, the cache reaches its cap at this share...
+  const clipEngine = await open({ memoryFraction: 0.05 });
+  const clip = clipEngine.info.kvCache;
+  t.equal(clipEngine.info.visionEncoder, null, "clip: no report of ours");
+  await clipEngine.close();
+
+  const roomy = await open({ memoryFraction: 0.05, visionEncoder: 'caprl' });
+  const vision = roomy.info.visionEncoder;
+  const kv = roomy.info.kvCache;
+  await roomy.close();
+  t.equal(vision?.kind, 'caprl');
+  t.equal(vision?.devices.length, 1);
+  const cpu = vision?.devices[0];
+  t.equal(cpu?.device, 'CPU');
+  t.ok((cpu?.computeBytes ?? 0) > 0, `${cpu?.computeBytes} compute bytes reserved before any image`);
+  const ours = (cpu?.weightsBytes ?? 0) + (cpu?.computeBytes ?? 0);
+  // The same engine but for our encoder's weights and buffers, in host memory like the cache.
+  t.equal(kv.nonKvBytes - clip.nonKvBytes, ours, 'non-KV bytes include our encoder, compute buffers and all');
+  t.match(describeKvCache(kv, vision), /weights and vision [\d.]+ GiB \(caprl vision encoder [\d.]+ GiB, buffers for 16384 patches\)/,
+    'the start-up line says what our encoder holds');
+
+  // A share that holds clip's engine at its cap with our encoder's bytes to spare holds ours at
+  // half its cache (as the tight share above): fewer cells.
+  const share = (kv.nonKvBytes + clip.computeBytes + clip.bytes / 2) / clip.deviceTotalBytes;
+  const clipShare = await open({ memoryFraction: share });
+  t.equal(clipShare.info.kvCache.tokens, MAX_SEQS * MAX_MODEL_LEN, 'clip: the cap');
+  await clipShare.close();
+  const oursShare = await open({ memoryFraction: share, visionEncoder: 'caprl' });
+  const tokens = oursShare.info.kvCache.tokens;
+  await oursShare.close();
+  t.ok(tokens < MAX_SEQS * MAX_MODEL_LEN && tokens >= MAX_MODEL_LEN, `ours: ${tokens} tokens`);
+});

@@ -47,6 +47,33 @@ t.test('caprl encoder equals llama.cpp clip', async (t) => {
   });
 });
 
+t.test('caprl encoder reserves its largest graph up front, and batches stay within it', async (t) => {
+  const { model, mmproj } = await tinyModel();
+  const addon = loadAddon();
+  const ours = new addon.VisionEncoder({ model, mmproj, encoder: 'caprl', nThreads: 1 });
+  const before = ours.memory();
+  t.equal(before?.maxPatches, 16384, 'on the CPU: one largest image (4096 tokens) per graph');
+  t.equal(before?.devices.length, 1, 'the CPU runs it all');
+  t.equal(before?.devices[0].computeBytes, 0, 'no compute buffers before the first batch');
+  t.ok((before?.devices[0].weightsBytes ?? 0) > 0, 'its weights are loaded');
+
+  ours.reserve();
+  const reserved = ours.memory()?.devices[0].computeBytes ?? 0;
+  t.ok(reserved > 0, `reserve() allocated ${reserved} bytes before any image`);
+
+  // The largest image, one with padded edge windows, and many small ones: each batch's graphs
+  // fit the buffers already there.
+  const big = (w: number, h: number): EngineImage => ({ width: w, height: h, rgb: Buffer.alloc(w * h * 3, 128) });
+  for (const batch of [[big(1736, 1848)], images.concat(images, images)]) {
+    ours.encode(batch);
+    t.equal(ours.memory()?.devices[0].computeBytes, reserved, `${batch.length} image(s) encoded within the reservation`);
+  }
+
+  const clip = new addon.VisionEncoder({ model, mmproj, encoder: 'llama.cpp', nThreads: 1 });
+  clip.reserve();
+  t.equal(clip.memory(), null, "llama.cpp's encoder reports nothing of ours");
+});
+
 t.test('caprl encoder refuses what it cannot encode', async (t) => {
   const { model, mmproj } = await tinyModel();
   const addon = loadAddon();

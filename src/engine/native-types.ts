@@ -184,6 +184,29 @@ export interface EngineInfo {
   nLayers: number;
   nGpuLayers: number;
   kvCache: KvCacheInfo;
+  /** Our vision encoder (visionEncoder 'caprl'); null with llama.cpp's clip or without an mmproj. */
+  visionEncoder: VisionEncoderInfo | null;
+}
+
+/** What our vision encoder holds; its compute buffers are reserved at start-up under memoryFraction sizing. */
+export interface VisionEncoderMemory {
+  /** Patches per graph (and per vision-worker pass): what the compute buffers are sized for. */
+  maxPatches: number;
+  devices: VisionDeviceBytes[];
+}
+
+export interface VisionEncoderInfo extends VisionEncoderMemory {
+  kind: 'caprl';
+}
+
+export interface VisionDeviceBytes {
+  /** ggml's device name, e.g. "CPU", "CUDA0". */
+  device: string;
+  /** In host memory (then counted in kvCache.nonKvBytes when the KV cache is too). */
+  host: boolean;
+  weightsBytes: number;
+  /** 0 until reserved or the first batch allocates them. */
+  computeBytes: number;
 }
 
 /** How the KV cache was sized and what it costs on the device that holds it. */
@@ -281,6 +304,10 @@ export interface VisionEncodeResult {
 export interface NativeVisionEncoder {
   /** Synchronous: blocks the JS thread while it encodes. */
   encode(images: EngineImage[]): VisionEncodeResult;
+  /** Ours: allocates the compute buffers of its largest graph now. No-op for llama.cpp's. */
+  reserve(): void;
+  /** Ours: what it holds now; null for llama.cpp's. */
+  memory(): VisionEncoderMemory | null;
 }
 
 export interface NativeVisionEncoderConstructor {

@@ -2,7 +2,7 @@
 // --gpu-memory-utilization (default 0.9) of the GPU that holds the cache. --kv-cache-tokens (ours,
 // llama-server's -c) wins over both. Where no GPU holds the cache, vLLM ignores
 // --gpu-memory-utilization, and so do we: the cache then holds a token count.
-import type { EngineOptions, GpuDevice, KvCacheInfo } from '../../engine/native-types.js';
+import type { EngineOptions, GpuDevice, KvCacheInfo, VisionEncoderInfo } from '../../engine/native-types.js';
 import { CliUsageError } from '../cli-args.js';
 
 export const VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9;
@@ -53,13 +53,20 @@ export function kvCacheOnGpu(gpus: readonly GpuDevice[], nGpuLayers: number): bo
 
 const GIB = 1024 ** 3;
 
-/** The start-up log line: how big the KV cache is, where, and what sized it. */
-export function describeKvCache(kv: KvCacheInfo): string {
+/**
+ * The start-up log line: how big the KV cache is, where, and what sized it; with our vision
+ * encoder, its share of the non-KV bytes on the cache's device.
+ */
+export function describeKvCache(kv: KvCacheInfo, vision?: VisionEncoderInfo | null): string {
   const gib = (b: number): string => `${(b / GIB).toFixed(2)} GiB`;
+  const here = (vision?.devices ?? []).filter((d) => d.device === kv.device);
+  const ours = here.length === 0 ? '' :
+    ` (caprl vision encoder ${gib(here.reduce((s, d) => s + d.weightsBytes + d.computeBytes, 0))}, ` +
+    `buffers for ${vision?.maxPatches} patches)`;
   const by = kv.sizedBy === 'tokens' ? 'a token count' :
     kv.sizedBy === 'bytes' ? '--kv-cache-memory-bytes' :
     `--gpu-memory-utilization ${kv.memoryFraction} of ${gib(kv.deviceTotalBytes)} (free at start ${gib(kv.deviceFreeBytes)}; ` +
-    `weights and vision ${gib(kv.nonKvBytes)}, compute buffers ${gib(kv.computeBytes)})`;
+    `weights and vision ${gib(kv.nonKvBytes)}${ours}, compute buffers ${gib(kv.computeBytes)})`;
   const layout = kv.layout === 'per-sequence' ? 'a stream per sequence' : 'one pool shared by all sequences';
   return `KV cache: ${kv.tokens} tokens, ${gib(kv.bytes)} on ${kv.device} (${(kv.bytesPerToken / 1024).toFixed(1)} KiB/token, ${layout}), sized by ${by}`;
 }

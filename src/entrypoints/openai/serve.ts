@@ -249,7 +249,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     `(model ${cfg.model}${cfg.mmproj ? ` + ${cfg.mmproj}` : ''}; max_model_len ${Math.min(cfg.maxModelLen, info.nCtx)}, ` +
     `${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'}; ${info.nGpuLayers}/${info.nLayers} layers on GPU)`,
   );
-  app.log.info(describeKvCache(info.kvCache));
+  app.log.info(describeKvCache(info.kvCache, info.visionEncoder));
   if (cfg.kvCache.gpuMemoryUtilization !== undefined && info.kvCache.sizedBy !== 'memory-fraction') {
     app.log.warn(`--gpu-memory-utilization has no effect here: ${info.kvCache.onGpu ? 'the KV cache size is given' : 'no GPU holds the KV cache'}`);
   }
