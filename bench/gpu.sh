@@ -171,18 +171,21 @@ main() {
   done
 
   # ---------------------------------------------------------------- KV cache sizing
-  # vLLM's default --gpu-memory-utilization 0.9 on this device: what the engine measured and chose.
+  # vLLM's default --gpu-memory-utilization 0.9 on this device: what the engine measured and chose,
+  # with llama.cpp's clip and with our encoder (its compute buffers reserved before the cache).
   phase "KV cache sizing (memoryFraction 0.9, $PRESET-${DTYPES%%,*})"
   local dt0=${DTYPES%%,*} seqs=64
   [ "$DRY" = 1 ] && seqs=4
-  timeout 90 node --input-type=module -e "
+  timeout 150 node --input-type=module -e "
     import { Engine } from './dist/src/engine/engine.js';
     import { describeKvCache } from './dist/src/entrypoints/openai/kv-cache-sizing.js';
-    const e = new Engine({ model: '$WORK/models/$PRESET-$dt0.gguf', mmproj: '$WORK/models/mmproj-$PRESET-$dt0.gguf',
-      memoryFraction: 0.9, maxModelLen: 8192, maxSeqs: $seqs, nBatch: 2048, logLevel: 'error' });
-    console.log(describeKvCache(e.info.kvCache));
-    console.log(JSON.stringify(e.info.kvCache));
-    await e.close();" 2>&1 | sed 's/^/  /'
+    for (const visionEncoder of ['llama.cpp', 'caprl']) {
+      const e = new Engine({ model: '$WORK/models/$PRESET-$dt0.gguf', mmproj: '$WORK/models/mmproj-$PRESET-$dt0.gguf',
+        memoryFraction: 0.9, maxModelLen: 8192, maxSeqs: $seqs, nBatch: 2048, logLevel: 'error', visionEncoder });
+      console.log(visionEncoder + ': ' + describeKvCache(e.info.kvCache, e.info.visionEncoder));
+      console.log(JSON.stringify({ kvCache: e.info.kvCache, visionEncoder: e.info.visionEncoder }));
+      await e.close();
+    }" 2>&1 | sed 's/^/  /'
   [ "${PIPESTATUS[0]}" = 0 ] || fail "KV cache sizing"
 
   # ---------------------------------------------------------------- vision encoder
