@@ -399,12 +399,17 @@ PreparedPrompt Engine::prepare(const std::string & prompt, std::vector<Image> &&
             mtmd_bitmap_set_id(bitmaps.back().ptr.get(), id.c_str());
             ptrs.push_back(bitmaps.back().ptr.get());
         }
+        // Counted here: mtmd_tokenize reports a mismatch only as a failure (2), like a bad image.
+        const std::string marker = mtmd_default_marker();
+        size_t markers = 0;
+        for (size_t at = prompt.find(marker); at != std::string::npos; at = prompt.find(marker, at + marker.size())) markers++;
+        if (markers != out.images.size()) {
+            return fail("the prompt has a different number of image markers (" + std::to_string(markers) + ") than images (" +
+                        std::to_string(out.images.size()) + " images)");
+        }
         out.chunks = SharedChunks(mtmd_input_chunks_init(), mtmd_input_chunks_free);
         mtmd_input_text text{prompt.c_str(), prompt.size(), true, true};
         const int32_t rc = mtmd_tokenize(mtmd_, out.chunks.get(), &text, ptrs.data(), ptrs.size());
-        if (rc == 1) {
-            return fail("the prompt has a different number of image markers than images (" + std::to_string(out.images.size()) + " images)");
-        }
         if (rc != 0) return fail("image preprocessing failed");
         const size_t n = mtmd_input_chunks_size(out.chunks.get());
         for (size_t i = 0; i < n; i++) {
@@ -465,11 +470,13 @@ void Engine::admit() {
         if (ready == prepared_.end()) {
             PreparedPrompt p;
             if (!prep_->take(id, p)) break;  // still being prepared: admission stays in order
-            prep_sent_.erase(id);
+            // It stays in prep_sent_ until it leaves waiting_: while it waits for KV cells,
+            // prepare_ahead must not hand it to the prep thread again (its images are gone).
             ready = prepared_.emplace(id, std::move(p)).first;
         }
         if (!ready->second.error.empty()) {
             end_unadmitted(waiting_.front(), "error", ready->second.prompt_cells, ready->second.error);
+            prep_sent_.erase(id);
             prepared_.erase(ready);
             waiting_.pop_front();
             continue;
@@ -486,6 +493,7 @@ void Engine::admit() {
         seq.chunks = std::move(ready->second.chunks);
         seq.parts = std::move(ready->second.parts);
         seq.req.images = std::move(ready->second.images);
+        prep_sent_.erase(id);
         prepared_.erase(ready);
         seq.orig_parts = seq.parts.size();
         if (n > 1) {
