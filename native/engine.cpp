@@ -474,6 +474,20 @@ void Engine::admit() {
             // prepare_ahead must not hand it to the prep thread again (its images are gone).
             ready = prepared_.emplace(id, std::move(p)).first;
         }
+        const int32_t prompt_cells = ready->second.prompt_cells;
+        int64_t out_cells = std::min<int64_t>(std::max(waiting_.front().sampling.max_tokens, 1), (int64_t) max_model_len_ - prompt_cells);
+        if (ready->second.error.empty() && n > 1 && prompt_cells + n * out_cells > (int64_t) info_.n_ctx) {
+            // The n choices at max_tokens would not fit the pool even alone. Each stops ("length")
+            // where its share of the pool ends; running the pool out mid-step instead would fail
+            // every sequence of that step, other requests' too.
+            out_cells = ((int64_t) info_.n_ctx - prompt_cells) / n;
+            if (out_cells < 1) {
+                ready->second.error = std::to_string(n) + " choices of this " + std::to_string(prompt_cells) +
+                                      "-token prompt do not fit the KV cache (" + std::to_string(info_.n_ctx) + " tokens): lower n";
+            } else {
+                waiting_.front().sampling.max_tokens = (int32_t) out_cells;
+            }
+        }
         if (!ready->second.error.empty()) {
             end_unadmitted(waiting_.front(), "error", ready->second.prompt_cells, ready->second.error);
             prep_sent_.erase(id);
@@ -482,11 +496,10 @@ void Engine::admit() {
             continue;
         }
         Sequence seq;
-        seq.prompt_cells = ready->second.prompt_cells;
+        seq.prompt_cells = prompt_cells;
         // n = 1 needs room for its prompt and a first token; n > 1 reserves the shared prompt plus
-        // every choice's whole output (capped at the pool, so that alone it always starts).
-        const int64_t out_cells = std::min<int64_t>(std::max(waiting_.front().sampling.max_tokens, 1), (int64_t) max_model_len_ - seq.prompt_cells);
-        const int64_t want = n == 1 ? seq.prompt_cells + 1 : std::min<int64_t>(seq.prompt_cells + n * out_cells, info_.n_ctx);
+        // every choice's whole output.
+        const int64_t want = n == 1 ? seq.prompt_cells + 1 : seq.prompt_cells + n * out_cells;
         if (cells_committed(true) + want + growth_watermark() > (int64_t) info_.n_ctx) break;  // not enough free cells yet
         seq.req = std::move(waiting_.front());
         waiting_.pop_front();

@@ -2,13 +2,9 @@
 // --max-model-len (attention then reads only a sequence's own cells), one shared pool otherwise.
 // Decoding must not depend on it: batching, n choices (copied across streams) and images.
 import t from 'tap';
-import { Engine, type EngineImage, type SamplingParams } from '../src/engine/engine.js';
+import { Engine, type EngineImage } from '../src/engine/engine.js';
+import { greedy } from './helpers/engine-inputs.js';
 import { tinyModel } from './helpers/models.js';
-
-const greedy = (maxTokens: number): SamplingParams => ({
-  temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-  seed: -1, maxTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1,
-});
 
 async function run(engine: Engine, prompt: string, n: number, maxTokens: number, images: EngineImage[] = []): Promise<number[][]> {
   const out: number[][] = Array.from({ length: n }, () => []);
@@ -55,4 +51,34 @@ t.test('a stream per sequence: batching, n choices, full length and images', asy
   const one = await run(engine, withImage, 1, 12, [image]);
   const two = await run(engine, withImage, 2, 12, [image]);
   t.same(two, [one[0], one[0]], 'an image request: its choices equal n = 1');
+});
+
+t.test('shared pool: n choices that cannot all reach max_tokens stop at their share, others unaffected', async (t) => {
+  const { model } = await tinyModel();
+  const engine = new Engine({ model, nCtx: 1024, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
+  t.teardown(() => engine.close());
+  t.equal(engine.info.kvCache.layout, 'unified');
+  const other = prompt(2);
+  const alone = (await run(engine, other, 1, 40))[0]!;
+
+  const promptTokens = engine.tokenize(prompt(1), true, true).length;
+  const finishes: string[] = [];
+  const lengths = [0, 0, 0];
+  const big = (async () => {
+    for await (const ev of engine.generate({ prompt: prompt(1), images: [], n: 3, sampling: greedy(600) })) {
+      lengths[ev.index]! += ev.tokens.length;
+      if (ev.finish) finishes.push(ev.finish.reason);
+    }
+  })();
+  const beside = run(engine, other, 1, 40);
+  const [, besideTokens] = await Promise.all([big, beside]);
+  t.same(finishes, ['length', 'length', 'length'], '3 x 600 tokens do not fit 1024 cells: every choice ends at its limit');
+  const share = Math.floor((1024 - promptTokens) / 3);
+  t.same(lengths, [share, share, share], `each choice got its share of the pool (${share} tokens)`);
+  t.same(besideTokens[0], alone, 'a request beside it is not failed and gets its own tokens');
+
+  const huge = engine.generate({ prompt: prompt(1), images: [], n: 4, sampling: greedy(10) });
+  const reasons: string[] = [];
+  for await (const ev of huge) if (ev.finish) reasons.push(ev.finish.reason);
+  t.same(reasons, ['length', 'length', 'length', 'length'], 'n = 4 x 10 tokens fits: each choice runs to max_tokens');
 });
