@@ -67,7 +67,9 @@ struct Sequence {
     int32_t prefill_left() const {
         int32_t left = 0;
         for (size_t i = part; i < parts.size(); i++) left += parts[i].n_cells();
-        return left - (int32_t) part_off;
+        if (part >= parts.size()) return 0;
+        // Text advances by part_off, an image (decoded over several steps) by rows_done.
+        return left - (parts[part].media ? parts[part].rows_done : (int32_t) part_off);
     }
 };
 
