@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU run, in one device call of under 10 minutes: unpack what bench/pack-gpu.sh carried
 # (.carry/), build the CUDA addon + llama-server + llama-mtmd-cli, generate the CapRL-3B-shaped
-# model, compare our vision encoder with llama.cpp's clip, check our image kernels against their
-# CPU reference, then benchmark caprl and llama-server side by side. Results (at most 8 files) go to $OUT:
+# model, check our image kernels against their CPU reference, benchmark caprl (with llama.cpp's
+# and with our vision encoder) and llama-server side by side, then, in the AFTER_BENCH seconds
+# kept for them, print the KV cache sizing, compare our vision encoder with clip, time the sampler
+# and compare our image patches with transformers'. Results (at most 8 files) go to $OUT:
 #   gpu.log (this log, with timestamps), build.log, gpu-check.txt, server-logs.txt,
 #   bench-<preset>-<dtype>.json and .md per dtype
 # and a short table is printed last.
@@ -19,7 +21,7 @@
 # CAPRL_CUDA_ARCHS (default 90a), BENCH_CONCURRENCY (1,8,32,64), BENCH_REQUESTS (4,16,32,64),
 # BENCH_TOKENS (256), BENCH_SIZES (1024x1024), BENCH_DTYPES (f16; e.g. f16,q8_0),
 # LLAMA_SERVER (a llama-server binary to use instead of build/bin/llama-server), SKIP_GPU_CHECK=1,
-# BENCH_CAPRL_VISION=0 (benchmark caprl with llama.cpp's vision encoder only).
+# BENCH_CAPRL_VISION=0 (benchmark caprl with llama.cpp's vision encoder only), AFTER_BENCH (120).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -170,38 +172,6 @@ main() {
     fi
   done
 
-  # ---------------------------------------------------------------- KV cache sizing
-  # vLLM's default --gpu-memory-utilization 0.9 on this device: what the engine measured and chose,
-  # with llama.cpp's clip and with our encoder (its compute buffers reserved before the cache).
-  phase "KV cache sizing (memoryFraction 0.9, $PRESET-${DTYPES%%,*})"
-  local dt0=${DTYPES%%,*} seqs=64
-  [ "$DRY" = 1 ] && seqs=4
-  timeout 150 node --input-type=module -e "
-    import { Engine } from './dist/src/engine/engine.js';
-    import { describeKvCache } from './dist/src/entrypoints/openai/kv-cache-sizing.js';
-    for (const visionEncoder of ['llama.cpp', 'caprl']) {
-      const e = new Engine({ model: '$WORK/models/$PRESET-$dt0.gguf', mmproj: '$WORK/models/mmproj-$PRESET-$dt0.gguf',
-        memoryFraction: 0.9, maxModelLen: 8192, maxSeqs: $seqs, nBatch: 2048, logLevel: 'error', visionEncoder });
-      console.log(visionEncoder + ': ' + describeKvCache(e.info.kvCache, e.info.visionEncoder));
-      console.log(JSON.stringify({ kvCache: e.info.kvCache, visionEncoder: e.info.visionEncoder }));
-      await e.close();
-    }" 2>&1 | sed 's/^/  /'
-  [ "${PIPESTATUS[0]}" = 0 ] || fail "KV cache sizing"
-
-  # ---------------------------------------------------------------- vision encoder
-  # Ours (native/qwen-vision-encoder.cpp: batched, window attention over the real windows) vs
-  # llama.cpp's clip, same images: ms per image at batch 1 and 8, and ours' relative error.
-  local vsizes=1024x1024 vbatches=1,8
-  [ "$DRY" = 1 ] && { vsizes=224x224; vbatches=1,2; }
-  phase "vision encoder: caprl vs llama.cpp clip ($PRESET-$dt0, $vsizes, batch $vbatches)"
-  if [ "$(left)" -gt 240 ]; then
-    timeout 150 node dist/bench/vision-encoder.js --model "$WORK/models/$PRESET-$dt0.gguf" --mmproj "$WORK/models/mmproj-$PRESET-$dt0.gguf" \
-      --sizes "$vsizes" --batches "$vbatches" --repeat 3 --max-error 0.02 2> "$WORK/vision-encoder.err" | tee "$WORK/vision-encoder.out"
-    [ "${PIPESTATUS[0]}" = 0 ] || { tail -20 "$WORK/vision-encoder.err"; fail "vision encoder comparison"; }
-  else
-    log "vision encoder comparison skipped: $(left)s left"
-  fi
-
   # ---------------------------------------------------------------- kernels
   phase "gpu-check (kernels/image-prep.cu vs the CPU reference)"
   if [ "${SKIP_GPU_CHECK:-0}" = 1 ]; then
@@ -221,11 +191,6 @@ main() {
     cat "$WORK/gpu-check-build.log"; fail "nvcc gpu-check"
   fi
 
-  # ---------------------------------------------------------------- sampler
-  phase "sampler: our direct sampler vs llama.cpp's chain on this host's CPU (151,936 logits)"
-  if [ -x build/bin/caprl-sampler-check ]; then timeout 60 build/bin/caprl-sampler-check bench 2>&1 | sed 's/^/  /'
-  else log "build/bin/caprl-sampler-check missing"; fi
-
   # ---------------------------------------------------------------- bench
   phase "bench: caprl (and caprl-vision) vs llama-server, c=$CONC, requests $REQS, $SIZES, $TOKENS tokens"
   local servers=() ls_bin=${LLAMA_SERVER:-$ROOT/build/bin/llama-server}
@@ -237,8 +202,12 @@ main() {
   else log "llama-server not benchmarked: $ls_bin missing (bench/build-llama-server.sh; or LLAMA_SERVER=...)"; fi
   if [ ${#servers[@]} -eq 0 ]; then fail "nothing to benchmark"; return 1; fi
   local list; list=$(IFS=,; echo "${servers[*]}")
+  # The serving benchmark runs first; the checks after it (KV sizing, sampler, vision encoder) get
+  # AFTER_BENCH seconds, and each is skipped when its time is not left.
+  local AFTER_BENCH=${AFTER_BENCH:-120}
+  local dt0=${DTYPES%%,*}
   for dt in ${DTYPES//,/ }; do
-    local rem=$(( $(left) - 20 ))
+    local rem=$(( $(left) - 20 - AFTER_BENCH ))
     if [ $rem -lt 60 ]; then log "bench $dt skipped: ${rem}s left"; continue; fi
     log "bench $PRESET-$dt with $list, deadline ${rem}s"
     timeout $((rem + 15)) node dist/bench/run.js --model "$WORK/models/$PRESET-$dt.gguf" --mmproj "$WORK/models/mmproj-$PRESET-$dt.gguf" \
@@ -247,6 +216,49 @@ main() {
       2>&1 | tee "$WORK/bench-$dt.out"
     [ "${PIPESTATUS[0]}" = 0 ] || fail "bench $dt"
   done
+
+  # ---------------------------------------------------------------- KV cache sizing
+  # vLLM's default --gpu-memory-utilization 0.9 on this device: what the engine measured and chose,
+  # with llama.cpp's clip and with our encoder (its compute buffers reserved before the cache).
+  phase "KV cache sizing (memoryFraction 0.9, $PRESET-${DTYPES%%,*})"
+  local seqs=64
+  [ "$DRY" = 1 ] && seqs=4
+  if [ "$(left)" -gt 50 ]; then
+    timeout $(( $(left1) > 90 ? 90 : $(left1) )) node --input-type=module -e "
+      import { Engine } from './dist/src/engine/engine.js';
+      import { describeKvCache } from './dist/src/entrypoints/openai/kv-cache-sizing.js';
+      for (const visionEncoder of ['llama.cpp', 'caprl']) {
+        const e = new Engine({ model: '$WORK/models/$PRESET-$dt0.gguf', mmproj: '$WORK/models/mmproj-$PRESET-$dt0.gguf',
+          memoryFraction: 0.9, maxModelLen: 8192, maxSeqs: $seqs, nBatch: 2048, logLevel: 'error', visionEncoder });
+        console.log(visionEncoder + ': ' + describeKvCache(e.info.kvCache, e.info.visionEncoder));
+        console.log(JSON.stringify({ kvCache: e.info.kvCache, visionEncoder: e.info.visionEncoder }));
+        await e.close();
+      }" 2>&1 | sed 's/^/  /'
+    [ "${PIPESTATUS[0]}" = 0 ] || fail "KV cache sizing"
+  else
+    log "KV cache sizing skipped: $(left)s left"
+  fi
+
+  # ---------------------------------------------------------------- vision encoder
+  # Ours (native/qwen-vision-encoder.cpp: batched, window attention over the real windows) vs
+  # llama.cpp's clip, same images: ms per image at batch 1 and 8, and ours' relative error.
+  local vsizes=1024x1024 vbatches=1,8
+  [ "$DRY" = 1 ] && { vsizes=224x224; vbatches=1,2; }
+  phase "vision encoder: caprl vs llama.cpp clip ($PRESET-$dt0, $vsizes, batch $vbatches)"
+  if [ "$(left)" -gt 60 ]; then
+    timeout $(( $(left1) - 10 > 150 ? 150 : $(left1) - 10 )) node dist/bench/vision-encoder.js --model "$WORK/models/$PRESET-$dt0.gguf" --mmproj "$WORK/models/mmproj-$PRESET-$dt0.gguf" \
+      --sizes "$vsizes" --batches "$vbatches" --repeat 3 --max-error 0.02 2> "$WORK/vision-encoder.err" | tee "$WORK/vision-encoder.out"
+    [ "${PIPESTATUS[0]}" = 0 ] || { tail -20 "$WORK/vision-encoder.err"; fail "vision encoder comparison"; }
+  else
+    log "vision encoder comparison skipped: $(left)s left"
+  fi
+
+  # ---------------------------------------------------------------- sampler
+  phase "sampler: our direct sampler vs llama.cpp's chain on this host's CPU (151,936 logits)"
+  if [ ! -x build/bin/caprl-sampler-check ]; then log "build/bin/caprl-sampler-check missing"
+  elif [ "$(left)" -gt 30 ]; then timeout 25 build/bin/caprl-sampler-check bench 2>&1 | sed 's/^/  /'
+  else log "sampler benchmark skipped: $(left)s left"; fi
+
   # After the bench, with what time is left: our reference's HF-order patches vs transformers.
   if [ "${GPU_CHECK_RC:-1}" = 0 ] && [ "$(left)" -gt 40 ]; then
     phase "hf-check (reference patches vs transformers' Qwen2VLImageProcessor)"
