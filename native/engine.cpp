@@ -462,9 +462,6 @@ void Engine::admit() {
             waiting_.pop_front();
             continue;
         }
-        if (free_seq_ids_.size() < (size_t) n) break;
-        // Preempted sequences resume before anything new starts.
-        if (std::any_of(running_.begin(), running_.end(), [](const Sequence & q) { return q.resume_pending; })) break;
         const int64_t id = waiting_.front().id;
         auto ready = prepared_.find(id);
         if (ready == prepared_.end()) {
@@ -495,6 +492,10 @@ void Engine::admit() {
             waiting_.pop_front();
             continue;
         }
+        // A bad request at the head has been answered above, even with every slot busy; a good one
+        // waits for its slots, and preempted sequences resume before anything new starts.
+        if (free_seq_ids_.size() < (size_t) n) break;
+        if (std::any_of(running_.begin(), running_.end(), [](const Sequence & q) { return q.resume_pending; })) break;
         Sequence seq;
         seq.prompt_cells = prompt_cells;
         // n = 1 needs room for its prompt and a first token; n > 1 reserves the shared prompt plus

@@ -56,12 +56,17 @@ void PromptPrep::loop() {
             busy_id_ = job.id;
         }
         PreparedPrompt p = prepare_(job.prompt, std::move(job.images));
+        bool drained = false;
         {
             std::lock_guard<std::mutex> lk(mu_);
             busy_id_ = -1;
             if (dropped_.erase(job.id) == 0 && !stopping_) done_[job.id] = std::move(p);
+            drained = queue_.empty();
         }
-        on_ready_();
+        // A running engine takes each result at its next step anyway; an idle one is woken when
+        // the prompts handed over together are all ready, so that they start in the same step
+        // (one at a time, a burst would start staggered, each in a batch of its own).
+        if (drained) on_ready_();
     }
 }
 
