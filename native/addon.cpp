@@ -393,8 +393,7 @@ Napi::Value GpuDevices(const Napi::CallbackInfo & info) {
     Napi::Array out = Napi::Array::New(env);
     for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-        const auto type = ggml_backend_dev_type(dev);
-        if (type != GGML_BACKEND_DEVICE_TYPE_GPU && type != GGML_BACKEND_DEVICE_TYPE_IGPU) continue;
+        if (!is_gpu_device(dev)) continue;
         const DeviceMemory mem = device_memory(dev);
         Napi::Object d = Napi::Object::New(env);
         d.Set("name", ggml_backend_dev_name(dev));

@@ -189,16 +189,11 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     if (caprl_vision_) info_.vision_encoder = {"caprl", caprl_vision_->max_patches(), caprl_vision_->memory()};
     info_.max_seqs = opts_.max_seqs;
     info_.n_layers = llama_model_n_layer(model_) + 1;
-    bool has_gpu = false;
-    for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
-        const auto type = ggml_backend_dev_type(ggml_backend_dev_get(i));
-        has_gpu = has_gpu || type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU;
-    }
-    info_.n_gpu_layers = has_gpu ? std::min(info_.n_layers, mp.n_gpu_layers) : 0;
+    // Layers go to the GPU exactly when the KV cache does (kv_cache_device: a GPU unless none is offloaded).
+    info_.n_gpu_layers = is_gpu_device(kv_dev) ? std::min(info_.n_layers, mp.n_gpu_layers) : 0;
     for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-        size_t free_mem = 0, total_mem = 0;
-        ggml_backend_dev_memory(dev, &free_mem, &total_mem);
+        const uint64_t total_mem = device_memory(dev).total;
         std::string d = std::string(ggml_backend_dev_name(dev)) + " (" + ggml_backend_dev_description(dev);
         if (total_mem > 0) d += ", " + std::to_string(total_mem >> 20) + " MiB";
         info_.devices.push_back(d + ")");

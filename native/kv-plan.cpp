@@ -10,16 +10,16 @@
 
 namespace caprl {
 
-namespace {
-
-bool is_gpu(ggml_backend_dev_t dev) {
+bool is_gpu_device(ggml_backend_dev_t dev) {
     const auto type = ggml_backend_dev_type(dev);
     return type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU;
 }
 
+namespace {
+
 // Whether buffers of this type live in `dev`'s memory (host buffers count as the CPU's).
 bool on_device(ggml_backend_buffer_type_t buft, ggml_backend_dev_t dev) {
-    if (!is_gpu(dev)) return ggml_backend_buft_is_host(buft);
+    if (!is_gpu_device(dev)) return ggml_backend_buft_is_host(buft);
     return !ggml_backend_buft_is_host(buft) && ggml_backend_buft_get_device(buft) == dev;
 }
 
@@ -68,7 +68,7 @@ ggml_backend_dev_t kv_cache_device(int32_t n_gpu_layers) {
     if (n_gpu_layers != 0) {
         for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-            if (is_gpu(dev)) return dev;
+            if (is_gpu_device(dev)) return dev;
         }
     }
     return ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
@@ -126,7 +126,7 @@ uint32_t plan_kv_cache(const KvCacheRequest & req, const llama_model_params & mp
                        ggml_backend_dev_t dev, DeviceMemory at_start, DeviceMemory loaded, KvCacheReport & report) {
     report = KvCacheReport{};
     report.device = dev ? ggml_backend_dev_name(dev) : "CPU";
-    report.on_gpu = dev && is_gpu(dev);
+    report.on_gpu = dev && is_gpu_device(dev);
     report.device_total_bytes = at_start.total;
     report.device_free_bytes = at_start.free;
     const uint32_t max_cells = (req.max_cells + kPad - 1) / kPad * kPad;
@@ -136,7 +136,6 @@ uint32_t plan_kv_cache(const KvCacheRequest & req, const llama_model_params & mp
     }
 
     const ContextCost cost = measure_context_cost(req.model_path, mp, cp, dev);
-    report.bytes_per_token = cost.kv_per_token;
     uint32_t cells = 0;
     if (req.bytes > 0) {
         report.sized_by = "bytes";

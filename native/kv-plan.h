@@ -29,6 +29,9 @@ struct KvCacheReport {
     double memory_fraction = 0;
 };
 
+// A discrete or integrated GPU.
+bool is_gpu_device(ggml_backend_dev_t dev);
+
 // The device llama.cpp puts the KV cache on: the first GPU when layers are offloaded, else the CPU.
 ggml_backend_dev_t kv_cache_device(int32_t n_gpu_layers);
 
@@ -52,7 +55,7 @@ struct KvCacheRequest {
 // Cells for the request. `at_start` is the device's memory before the engine loaded anything,
 // `loaded` after the model and the vision encoder (warmed up) are in place; on a GPU their
 // difference is what the engine holds besides the KV cache. Fills everything in the report but
-// `bytes` and `compute_bytes` (known once the context exists). Throws with a user-facing reason.
+// what is known once the context exists (tokens, bytes, bytes_per_token, compute_bytes). Throws with a user-facing reason.
 uint32_t plan_kv_cache(const KvCacheRequest & req, const llama_model_params & mp, const llama_context_params & cp,
                        ggml_backend_dev_t dev, DeviceMemory at_start, DeviceMemory loaded, KvCacheReport & report);
 
