@@ -156,32 +156,25 @@ t.test('runLevel: closed loop at the given concurrency; deadline truncates', asy
   await srv.close();
 });
 
-t.test('report: ratio row for two servers', async (t) => {
+/** A one-level report where each server ran one request; `speed` scales its captions/s. */
+function reportOf(servers: [name: string, speed: number][]): BenchReport {
   const s = summarize(1, [{ ok: true, start: 0, firstToken: 100, lastToken: 1100, end: 1100, completionTokens: 11, itl: [100], chunks: 11 }]);
-  const r: BenchReport = {
+  return {
     version: 1, startedAt: 'x', machine: { hostname: 'h', cpu: 'cpu', cores: 2, memoryGiB: 1, gpus: [], label: 'test machine' },
     config: { prompt: 'p', imageSizes: ['448x448'], outputTokens: 11, concurrency: [1], requestsPerLevel: [1], warmup: 0 },
     servers: [], notes: [],
-    levels: [{ ...s, server: 'caprl', order: 0 }, { ...s, captionsPerS: s.captionsPerS / 2, server: 'llama-server', order: 1 }],
+    levels: servers.map(([server, speed], order) => ({ ...s, captionsPerS: s.captionsPerS * speed, server, order })),
   };
-  const md = markdownReport(r);
+}
+
+t.test('report: ratio row for two servers', async (t) => {
+  const md = markdownReport(reportOf([['caprl', 1], ['llama-server', 0.5]]));
   t.match(md, /# caprl-serve benchmark: test machine/);
   t.match(md, /\| 1 \| \*\*caprl \/ llama-server\*\* \| 2\.00x \| 1\.00x \|/);
 });
 
 t.test('report: each caprl variant gets a ratio row against llama-server', async (t) => {
-  const s = summarize(1, [{ ok: true, start: 0, firstToken: 100, lastToken: 1100, end: 1100, completionTokens: 11, itl: [100], chunks: 11 }]);
-  const r: BenchReport = {
-    version: 1, startedAt: 'x', machine: { hostname: 'h', cpu: 'cpu', cores: 2, memoryGiB: 1, gpus: [], label: 'test machine' },
-    config: { prompt: 'p', imageSizes: ['448x448'], outputTokens: 11, concurrency: [1], requestsPerLevel: [1], warmup: 0 },
-    servers: [], notes: [],
-    levels: [
-      { ...s, server: 'caprl', order: 0 },
-      { ...s, captionsPerS: s.captionsPerS * 1.5, server: 'caprl-vision', order: 1 },
-      { ...s, captionsPerS: s.captionsPerS / 2, server: 'llama-server', order: 2 },
-    ],
-  };
-  const md = markdownReport(r);
+  const md = markdownReport(reportOf([['caprl', 1], ['caprl-vision', 1.5], ['llama-server', 0.5]]));
   t.match(md, /\| 1 \| \*\*caprl \/ llama-server\*\* \| 2\.00x \|/);
   t.match(md, /\| 1 \| \*\*caprl-vision \/ llama-server\*\* \| 3\.00x \|/);
   t.notMatch(md, /caprl \/ caprl-vision/);

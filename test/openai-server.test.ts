@@ -6,19 +6,9 @@ import { countPromptTokens, toTemplateMessages } from '../src/entrypoints/openai
 import { validateChatRequest } from '../src/entrypoints/openai/validate.js';
 import { prepareImageFromDataUri } from '../src/images/prepare.js';
 import { LLAMA_CPP_QWEN25VL_LIMITS } from '../src/images/qwen-resize.js';
-import { pngDataUri, startTestServer, waitFor, type TestServer } from './helpers/server.js';
+import { apiError, pngDataUri, startTestServer, waitFor, type TestServer } from './helpers/server.js';
 
 const GREEDY = { temperature: 0 } as const;
-
-async function apiError(p: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
-  try {
-    await p;
-  } catch (err) {
-    if (err instanceof OpenAI.APIError) return err;
-    throw err;
-  }
-  throw new Error('expected the request to fail');
-}
 
 t.test('OpenAI-compatible server on the tiny model', async (t) => {
   // max_model_len 1024 keeps "fill the context" requests short.

@@ -9,17 +9,7 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import OpenAI from 'openai';
 import { startImageServer, type ImageServer } from './helpers/image-server.js';
-import { pngDataUri, startTestServer, type TestServer } from './helpers/server.js';
-
-async function apiError(p: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
-  try {
-    await p;
-  } catch (err) {
-    if (err instanceof OpenAI.APIError) return err;
-    throw err;
-  }
-  throw new Error('expected the request to fail');
-}
+import { apiError, pngDataUri, startTestServer, type TestServer } from './helpers/server.js';
 
 type Body = Record<string, unknown>;
 const chat = (s: TestServer, body: Body) => s.client.chat.completions.create(body as unknown as OpenAI.ChatCompletionCreateParamsNonStreaming);

@@ -77,6 +77,17 @@ export async function startTestServer(opts: TestServerOptions = {}): Promise<Tes
   };
 }
 
+/** The openai client's error for a request that must fail (fails the test if it succeeds). */
+export async function apiError(p: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
+  try {
+    await p;
+  } catch (err) {
+    if (err instanceof OpenAI.APIError) return err;
+    throw err;
+  }
+  throw new Error('expected the request to fail');
+}
+
 /** A base64 PNG data URI of a deterministic, non-uniform test picture. */
 export async function pngDataUri(width = 224, height = 224): Promise<string> {
   const raw = Buffer.alloc(width * height * 3);
