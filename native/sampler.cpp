@@ -39,6 +39,8 @@ static inline float exp_nonpositive(float x) {
 
 constexpr int32_t kBlock = 64;
 
+// Reductions over the vocabulary are written with independent lanes so that they vectorize
+// without -ffast-math (which would let the compiler reorder them itself).
 static float max_of(const float * l, int32_t n) {
     float lane[8];
     for (float & x : lane) x = -INFINITY;
@@ -168,8 +170,6 @@ llama_token Sampler::sample_chain(const float * logits, bool suppress_eog) {
     llama_sampler_accept(chain_, tok);
     return tok;
 }
-
-// Reductions over the vocabulary are written with independent lanes so that they vectorize
 
 namespace {
 
