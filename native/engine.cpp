@@ -158,13 +158,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     if (info_.kv_cache.tokens > 0) info_.kv_cache.bytes_per_token = (double) live.kv / info_.kv_cache.tokens;
 
     if (mtmd_) {
-        vision_ = std::make_unique<VisionWorker>(mtmd_, caprl_vision_.get(), llama_model_n_embd_inp(model_), opts_.image_cache_bytes, [this] {
-            {
-                std::lock_guard<std::mutex> lk(mu_);
-                vision_ready_ = true;
-            }
-            cv_.notify_one();
-        });
+        vision_ = std::make_unique<VisionWorker>(mtmd_, caprl_vision_.get(), llama_model_n_embd_inp(model_), opts_.image_cache_bytes, [this] { wake_from_worker(); });
     }
 
     templates_ = common_chat_templates_init(model_, opts_.chat_template);
@@ -204,13 +198,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
 
     prep_ = std::make_unique<PromptPrep>(
         [this](const std::string & prompt, std::vector<Image> && images) { return prepare(prompt, std::move(images)); },
-        [this] {
-            {
-                std::lock_guard<std::mutex> lk(mu_);
-                prompt_ready_ = true;
-            }
-            cv_.notify_one();
-        });
+        [this] { wake_from_worker(); });
     thread_ = std::thread([this] { loop(); });
 }
 
@@ -221,6 +209,14 @@ Engine::~Engine() {
     templates_.reset();
     if (ctx_) llama_free(ctx_);
     if (model_) llama_model_free(model_);
+}
+
+void Engine::wake_from_worker() {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        worker_ready_ = true;
+    }
+    cv_.notify_one();
 }
 
 void Engine::submit(Request && req) {
@@ -323,10 +319,9 @@ void Engine::loop() {
             std::unique_lock<std::mutex> lk(mu_);
             if (stopping_) break;
             if (idle) {
-                // Nothing to decode: sleep until a request, a cancel or an encoded image arrives.
-                cv_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty() || vision_ready_ || prompt_ready_; });
-                vision_ready_ = false;
-                prompt_ready_ = false;
+                // Nothing to decode: sleep until a request, a cancel, an encoded image or a prepared prompt arrives.
+                cv_.wait(lk, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty() || worker_ready_; });
+                worker_ready_ = false;
                 if (stopping_) break;
             }
         }

@@ -75,6 +75,7 @@ class Engine {
 
   private:
     void loop();
+    void wake_from_worker();  // the vision worker or the prompt-prep thread has a result
     bool step();  // one scheduler step; false when it made no progress (nothing to do, or only waiting on images)
     void take_inbox();
     void admit();
@@ -131,8 +132,7 @@ class Engine {
     std::deque<Request> inbox_;
     std::vector<int64_t> cancels_;
     bool stopping_ = false;
-    bool vision_ready_ = false;  // an image finished encoding since the engine thread last waited
-    bool prompt_ready_ = false;  // a prompt was prepared since then
+    bool worker_ready_ = false;  // an image was encoded or a prompt prepared since the engine thread last waited
     std::thread thread_;
 
     // Engine thread only.
