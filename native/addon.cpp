@@ -174,6 +174,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         return DefineClass(env, "Engine", {
             InstanceMethod("info", &EngineWrap::Info),
             InstanceMethod("submit", &EngineWrap::Submit),
+            InstanceMethod("flush", &EngineWrap::Flush),
             InstanceMethod("cancel", &EngineWrap::Cancel),
             InstanceMethod("tokenize", &EngineWrap::Tokenize),
             InstanceMethod("detokenize", &EngineWrap::Detokenize),
@@ -285,6 +286,11 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
 
     Napi::Value Submit(const Napi::CallbackInfo & info) {
         engine(info.Env()).submit(to_request(require_object(info[0], "request")));
+        return info.Env().Undefined();
+    }
+
+    Napi::Value Flush(const Napi::CallbackInfo & info) {
+        engine(info.Env()).flush_submitted();
         return info.Env().Undefined();
     }
 

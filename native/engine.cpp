@@ -221,9 +221,23 @@ void Engine::wake_from_worker() {
 
 void Engine::submit(Request && req) {
     req.arrived = Clock::now();
+    std::lock_guard<std::mutex> lk(mu_);
+    submitted_.push_back(std::move(req));
+}
+
+// Caller holds mu_.
+static void move_all(std::deque<Request> & from, std::deque<Request> & to) {
+    while (!from.empty()) {
+        to.push_back(std::move(from.front()));
+        from.pop_front();
+    }
+}
+
+void Engine::flush_submitted() {
     {
         std::lock_guard<std::mutex> lk(mu_);
-        inbox_.push_back(std::move(req));
+        if (submitted_.empty()) return;
+        move_all(submitted_, inbox_);
     }
     cv_.notify_one();
 }
@@ -231,6 +245,7 @@ void Engine::submit(Request && req) {
 void Engine::cancel(int64_t id) {
     {
         std::lock_guard<std::mutex> lk(mu_);
+        move_all(submitted_, inbox_);  // a cancel never overtakes its own request
         cancels_.push_back(id);
     }
     cv_.notify_one();
@@ -241,6 +256,7 @@ void Engine::stop() {
         std::lock_guard<std::mutex> lk(mu_);
         if (stopping_ && !thread_.joinable()) return;
         stopping_ = true;
+        move_all(submitted_, inbox_);  // ended as aborted with the rest
     }
     cv_.notify_one();
     if (thread_.joinable()) thread_.join();
@@ -343,10 +359,7 @@ void Engine::take_inbox() {
     std::vector<int64_t> cancels;
     {
         std::lock_guard<std::mutex> lk(mu_);
-        while (!inbox_.empty()) {
-            waiting_.push_back(std::move(inbox_.front()));
-            inbox_.pop_front();
-        }
+        move_all(inbox_, waiting_);
         cancels.swap(cancels_);
     }
     if (cancels.empty()) return;
@@ -434,12 +447,15 @@ PreparedPrompt Engine::prepare(const std::string & prompt, std::vector<Image> &&
 void Engine::prepare_ahead() {
     // The next requests in line (as many as could be admitted at once) are prepared ahead; the
     // rest wait unprepared, so prepared images held in memory stay bounded.
+    // Handed over in one call: the prep thread then reports them ready together.
+    std::vector<PromptPrep::Job> jobs;
     size_t k = 0;
     for (auto & req : waiting_) {
         if (k++ >= opts_.max_seqs) break;
         if (!prep_sent_.insert(req.id).second) continue;
-        prep_->submit(req.id, req.prompt, std::move(req.images));
+        jobs.push_back(PromptPrep::Job{req.id, req.prompt, std::move(req.images)});
     }
+    if (!jobs.empty()) prep_->submit(std::move(jobs));
 }
 
 void Engine::forget_prepared(int64_t id) {

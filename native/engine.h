@@ -62,7 +62,10 @@ class Engine {
     Engine(const EngineOptions & opts, EventSink sink);
     ~Engine();
 
+    // Holds a request until flush_submitted(): the requests of one JS turn reach the engine
+    // thread together, so a burst that finds the engine idle starts in one step.
     void submit(Request && req);
+    void flush_submitted();
     void cancel(int64_t id);
     // Cancels everything live, stops the thread and joins it. Idempotent.
     void stop();
@@ -129,6 +132,7 @@ class Engine {
     // Shared with the JS thread.
     mutable std::mutex mu_;
     std::condition_variable cv_;
+    std::deque<Request> submitted_;  // held until flush_submitted()
     std::deque<Request> inbox_;
     std::vector<int64_t> cancels_;
     bool stopping_ = false;

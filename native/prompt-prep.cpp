@@ -19,10 +19,10 @@ PromptPrep::~PromptPrep() {
     if (thread_.joinable()) thread_.join();
 }
 
-void PromptPrep::submit(int64_t id, std::string prompt, std::vector<Image> && images) {
+void PromptPrep::submit(std::vector<Job> && jobs) {
     {
         std::lock_guard<std::mutex> lk(mu_);
-        queue_.push_back(Job{id, std::move(prompt), std::move(images)});
+        for (auto & j : jobs) queue_.push_back(std::move(j));
     }
     cv_.notify_one();
 }

@@ -31,22 +31,23 @@ struct PreparedPrompt {
 class PromptPrep {
   public:
     using PrepareFn = std::function<PreparedPrompt(const std::string & prompt, std::vector<Image> && images)>;
-    // on_ready is called (from the prep thread) after each prompt is prepared.
+    struct Job {
+        int64_t id;
+        std::string prompt;
+        std::vector<Image> images;
+    };
+    // on_ready is called (from the prep thread) each time the queue runs empty: every job handed
+    // over so far is prepared (or dropped).
     PromptPrep(PrepareFn prepare, std::function<void()> on_ready);
     ~PromptPrep();  // drops pending work and joins
 
-    void submit(int64_t id, std::string prompt, std::vector<Image> && images);
+    void submit(std::vector<Job> && jobs);
     // If prompt `id` is prepared, moves it out and returns true.
     bool take(int64_t id, PreparedPrompt & out);
     // Forgets a request that ended before admission.
     void drop(int64_t id);
 
   private:
-    struct Job {
-        int64_t id;
-        std::string prompt;
-        std::vector<Image> images;
-    };
     void loop();
 
     PrepareFn prepare_;

@@ -77,8 +77,9 @@ t.test('engine on the tiny model', async (t) => {
     t.equal(after.maxBatchSeqs, 8, 'some step decoded all 8 sequences in one batch');
     const steps = after.steps - before.steps;
     const decoded = after.decodedSeqsTotal - before.decodedSeqsTotal;
-    t.ok(steps < 8 * 24, `shared steps: ${steps} steps for ${decoded} decoded tokens`);
-    t.ok(decoded / steps > 4, `mean sequences per step ${(decoded / steps).toFixed(2)} > 4`);
+    // Submitted in one JS turn, the 8 are handed to the engine thread together and admitted in
+    // one step: 1 prefill step + 23 decode steps, whatever the threads' timing.
+    t.equal(steps, 24, `one burst: ${steps} steps for ${decoded} decoded tokens`);
     t.equal(after.kvUsedCells, 0, 'all KV cells freed');
     t.equal(after.running, 0);
   });

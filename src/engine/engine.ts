@@ -91,6 +91,7 @@ export class Engine {
   private readonly live = new Map<number, Generation>();
   private readonly listeners = new Set<GenerationListener>();
   private nextId = 1;
+  private flushQueued = false;
   private closed = false;
   readonly info: EngineInfo;
 
@@ -117,6 +118,7 @@ export class Engine {
     const gen = new Generation(id, n, (i) => this.native.cancel(i));
     this.live.set(id, gen);
     this.native.submit({ id, n, prompt: input.prompt, images: input.images, sampling: input.sampling });
+    this.scheduleFlush();
     if (signal) {
       if (signal.aborted) gen.cancel();
       else {
@@ -128,6 +130,17 @@ export class Engine {
     }
     for (const listener of this.listeners) listener(gen, input);
     return gen;
+  }
+
+  // The requests of one JS turn (Promise.all over a batch, a burst of HTTP requests parsed
+  // together) reach the engine thread in one hand-over, so an idle engine admits them in one step.
+  private scheduleFlush(): void {
+    if (this.flushQueued) return;
+    this.flushQueued = true;
+    queueMicrotask(() => {
+      this.flushQueued = false;
+      if (!this.closed) this.native.flush();
+    });
   }
 
   /** Calls `listener` with every Generation started from now on (metrics, timeouts); returns its removal. */

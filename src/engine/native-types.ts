@@ -251,8 +251,13 @@ export interface ChatTemplateMessage {
 /** The addon's Engine class as JS sees it. */
 export interface NativeEngine {
   info(): EngineInfo;
-  /** Queues a request; events arrive through the onEvents callback given to the constructor. */
+  /**
+   * Validates and holds a request until flush(); events arrive through the onEvents callback
+   * given to the constructor. A cancel flushes first, so it never overtakes its request.
+   */
   submit(req: EngineRequest): void;
+  /** Hands every held request to the engine thread at once, so a burst starts in one step. */
+  flush(): void;
   /** Cancels a live request; its final event has reason 'abort'. Unknown ids are ignored. */
   cancel(id: number): void;
   tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[];
