@@ -164,9 +164,11 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     templates_ = common_chat_templates_init(model_, opts_.chat_template);
 
     const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+    std::vector<llama_token> eog;
     for (llama_token t = 0; t < n_vocab; t++) {
-        if (llama_vocab_is_eog(vocab_, t)) eog_.push_back(t);
+        if (llama_vocab_is_eog(vocab_, t)) eog.push_back(t);
     }
+    eog_ = std::make_unique<EogTokens>(std::move(eog), n_vocab);
 
     // Sampling threads: a draw over Qwen's 151,936 logits takes 0.1-2 ms, once per sequence per
     // step; on a GPU host the decode threads are idle meanwhile, so the draws share them.
@@ -534,7 +536,7 @@ void Engine::admit() {
             seq.choice_seq_ids.push_back(free_seq_ids_.back());
             free_seq_ids_.pop_back();
         }
-        seq.sampler = std::make_unique<Sampler>(vocab_, info_.n_vocab, seq.req.sampling, eog_);
+        seq.sampler = std::make_unique<Sampler>(vocab_, info_.n_vocab, seq.req.sampling, *eog_);
         seq.text = std::make_unique<TextStream>(seq.req.sampling.stop);
         seq.pending.id = seq.req.id;
         seq.admitted = Clock::now();
@@ -877,7 +879,7 @@ Sequence Engine::fork_choice(const Sequence & parent, int32_t index, llama_seq_i
     c.shared_cells = parent.n_cells;
     c.reserved_cells = parent.choice_reserved_cells;
     c.n_past = parent.n_past;
-    c.sampler = std::make_unique<Sampler>(vocab_, info_.n_vocab, c.req.sampling, eog_);
+    c.sampler = std::make_unique<Sampler>(vocab_, info_.n_vocab, c.req.sampling, *eog_);
     c.text = std::make_unique<TextStream>(c.req.sampling.stop);
     c.pending.id = c.req.id;
     c.pending.index = index;

@@ -125,7 +125,7 @@ class Engine {
     std::unique_ptr<ParallelFor> sampling_;
     uint64_t next_vision_key_ = 1;
     common_chat_templates_ptr templates_;
-    std::vector<llama_token> eog_;
+    std::unique_ptr<EogTokens> eog_;  // set once the vocabulary is loaded
     llama_batch batch_{};
     uint32_t max_model_len_ = 0;
 

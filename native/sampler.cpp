@@ -117,13 +117,17 @@ llama_token argmax(const float * logits, int32_t n, const std::vector<uint8_t> *
 
 }  // namespace
 
-Sampler::Sampler(const llama_vocab * vocab, int32_t n_vocab, const SamplingParams & p, const std::vector<llama_token> & eog,
-                 Path path)
-    : vocab_(vocab), n_vocab_(n_vocab), p_(p), eog_(eog) {
-    suppressed_.assign(n_vocab_, 0);
-    for (llama_token t : eog_) {
-        if (t >= 0 && t < n_vocab_) suppressed_[t] = 1;
+EogTokens::EogTokens(std::vector<llama_token> tokens, int32_t n_vocab) : mask(n_vocab, 0) {
+    for (llama_token t : tokens) {
+        if (t >= 0 && t < n_vocab) {
+            list.push_back(t);
+            mask[t] = 1;
+        }
     }
+}
+
+Sampler::Sampler(const llama_vocab * vocab, int32_t n_vocab, const SamplingParams & p, const EogTokens & eog, Path path)
+    : vocab_(vocab), n_vocab_(n_vocab), p_(p), eog_(eog) {
     rng_.seed(p.seed < 0 ? std::random_device{}() : static_cast<uint32_t>(p.seed));
     if (!has_penalties(p) && path != Path::Chain) return;
 
@@ -162,7 +166,7 @@ llama_token Sampler::sample(const float * logits, bool suppress_eog, TokenLogpro
 llama_token Sampler::sample_chain(const float * logits, bool suppress_eog) {
     for (llama_token t = 0; t < n_vocab_; t++) cur_[t] = {t, logits[t], 0.0f};
     if (suppress_eog) {
-        for (llama_token t : eog_) cur_[t].logit = -INFINITY;
+        for (llama_token t : eog_.list) cur_[t].logit = -INFINITY;
     }
     llama_token_data_array arr{cur_.data(), cur_.size(), -1, false};
     llama_sampler_apply(chain_, &arr);
@@ -269,13 +273,13 @@ void Sampler::cut_top_p(const float * l, float m) {
 // The chain's filters in its order (top-k, top-p, min-p on the untempered distribution, then the
 // temperature), computed on the candidates they can keep rather than on the whole vocabulary.
 llama_token Sampler::sample_direct(const float * logits, bool suppress_eog) {
-    const std::vector<uint8_t> * sup = suppress_eog ? &suppressed_ : nullptr;
+    const std::vector<uint8_t> * sup = suppress_eog ? &eog_.mask : nullptr;
     if (p_.temperature <= 0.0f) return argmax(logits, n_vocab_, sup);
     const float * l = logits;
     if (sup) {
         // End-of-generation tokens may not be drawn yet: a copy where they weigh nothing.
         masked_.assign(logits, logits + n_vocab_);
-        for (llama_token t : eog_) masked_[t] = -INFINITY;
+        for (llama_token t : eog_.list) masked_[t] = -INFINITY;
         l = masked_.data();
     }
     const float inv_t = 1.0f / p_.temperature;

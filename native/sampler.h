@@ -17,13 +17,20 @@
 
 namespace caprl {
 
+// The vocabulary's end-of-generation tokens, as a list and as a per-token mask, built once per
+// model and shared by every Sampler (the mask is 151,936 bytes for Qwen).
+struct EogTokens {
+    EogTokens(std::vector<llama_token> tokens, int32_t n_vocab);
+    std::vector<llama_token> list;
+    std::vector<uint8_t> mask;  // per token: 1 for an end-of-generation token
+};
+
 class Sampler {
   public:
     // Auto: the direct path unless penalties need the chain. Chain: always the chain (to compare).
     enum class Path { Auto, Chain };
-    // eog: the vocabulary's end-of-generation tokens, computed once by the engine. vocab may be
-    // null (benchmarks): then log-probability texts are empty.
-    Sampler(const llama_vocab * vocab, int32_t n_vocab, const SamplingParams & params, const std::vector<llama_token> & eog,
+    // eog outlives the Sampler. vocab may be null (benchmarks): then log-probability texts are empty.
+    Sampler(const llama_vocab * vocab, int32_t n_vocab, const SamplingParams & params, const EogTokens & eog,
             Path path = Path::Auto);
     ~Sampler();
     Sampler(const Sampler &) = delete;
@@ -46,10 +53,9 @@ class Sampler {
     const llama_vocab * vocab_;
     int32_t n_vocab_;
     SamplingParams p_;
-    const std::vector<llama_token> & eog_;
+    const EogTokens & eog_;
     llama_sampler * chain_ = nullptr;       // penalties only
     std::vector<llama_token_data> cur_;     // the chain's candidates
-    std::vector<uint8_t> suppressed_;       // per token: an end-of-generation token
     // Direct path scratch, reused across tokens.
     std::vector<float> masked_;     // logits with end-of-generation tokens removed
     std::vector<int32_t> cand_;     // candidate tokens

@@ -72,10 +72,11 @@ void report(bool ok, const std::string & name, const std::string & detail) {
 // Empirical frequencies of `n` draws vs the oracle: every token within 5 standard deviations
 // (+1e-4), and no token the filters drop ever drawn.
 void check_distribution(const std::string & name, const std::vector<float> & l, const SamplingParams & p,
-                        const std::vector<llama_token> & eog, bool suppress, bool chain, int n = 200000) {
+                        const std::vector<llama_token> & eog_list, bool suppress, bool chain, int n = 200000) {
     std::vector<uint8_t> banned(l.size(), 0);
-    if (suppress) for (llama_token t : eog) banned[t] = 1;
+    if (suppress) for (llama_token t : eog_list) banned[t] = 1;
     const std::vector<double> want = oracle(l, p, banned);
+    const EogTokens eog(eog_list, (int32_t) l.size());
     Sampler s(nullptr, (int32_t) l.size(), p, eog, chain ? Sampler::Path::Chain : Sampler::Path::Auto);
     std::vector<int> seen(l.size(), 0);
     for (int i = 0; i < n; i++) seen[s.sample(l.data(), suppress, nullptr, 0)]++;
@@ -134,14 +135,15 @@ int check() {
         std::vector<float> row(1000);
         for (auto & x : row) x = (float) small(rng);  // many ties
         const bool suppress = i % 2 == 0;
-        const std::vector<llama_token> e = {(llama_token) (i % 1000), 999};
+        const EogTokens e({(llama_token) (i % 1000), 999}, 1000);
         Sampler direct(nullptr, 1000, params(0.0f, 0, 1.0f, 0.0f, 1), e);
         Sampler chain(nullptr, 1000, params(0.0f, 0, 1.0f, 0.0f, 1), e, Sampler::Path::Chain);
         if (direct.sample(row.data(), suppress, nullptr, 0) != chain.sample(row.data(), suppress, nullptr, 0)) differ++;
     }
     report(differ == 0, "greedy equals llama.cpp's greedy on 2000 rows with ties", std::to_string(differ) + " differ");
     // Same seed, same draws.
-    Sampler a(nullptr, 40, params(1.0f, 0, 0.9f, 0.0f, 42), eog), b(nullptr, 40, params(1.0f, 0, 0.9f, 0.0f, 42), eog);
+    const EogTokens eog40(eog, 40);
+    Sampler a(nullptr, 40, params(1.0f, 0, 0.9f, 0.0f, 42), eog40), b(nullptr, 40, params(1.0f, 0, 0.9f, 0.0f, 42), eog40);
     bool same = true;
     for (int i = 0; i < 1000; i++) same = same && a.sample(l.data(), false, nullptr, 0) == b.sample(l.data(), false, nullptr, 0);
     report(same, "a seed gives the same draws", "");
@@ -165,7 +167,7 @@ int bench() {
     for (int32_t t = 0; t < V; t++) flat[t] = nd(rng);
     for (int32_t t = 0; t < V; t++) peaked[t] = nd(rng) - 10.0f;
     for (int i = 0; i < 40; i++) peaked[(i * 7919) % V] = 8.0f - 0.3f * i;
-    const std::vector<llama_token> eog = {151643, 151645};
+    const EogTokens eog({151643, 151645}, V);
     struct Mode { const char * name; SamplingParams p; };
     const Mode modes[] = {
         {"greedy", params(0.0f, 0, 1.0f, 0.0f, 1)},
