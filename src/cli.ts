@@ -38,33 +38,24 @@ async function runGenerateModelCommand(argv: string[]): Promise<number> {
   return mod.runGenerateModel(argv);
 }
 
+/** Subcommand -> its runner (exit code); each module is imported only when its command runs. */
+const COMMANDS = new Map<string, (argv: string[]) => Promise<number>>([
+  ['serve', async (a) => (await import('./entrypoints/openai/serve.js')).runServe(a)],
+  ['generate-model', runGenerateModelCommand],
+  ['caption', async (a) => (await import('./workflows/caption-cli.js')).runCaptionCommand(a)],
+  ['run-batch', async (a) => (await import('./workflows/run-batch.js')).runRunBatchCommand(a)],
+  ['eval', async (a) => (await import('./workflows/prism-eval.js')).runEvalCommand(a)],
+]);
+
 export async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
   try {
+    const run = COMMANDS.get(command ?? '');
+    if (run) {
+      process.exitCode = await run(rest);
+      return;
+    }
     switch (command) {
-      case 'serve': {
-        const { runServe } = await import('./entrypoints/openai/serve.js');
-        process.exitCode = await runServe(rest);
-        return;
-      }
-      case 'generate-model':
-        process.exitCode = await runGenerateModelCommand(rest);
-        return;
-      case 'caption': {
-        const { runCaptionCommand } = await import('./workflows/caption-cli.js');
-        process.exitCode = await runCaptionCommand(rest);
-        return;
-      }
-      case 'run-batch': {
-        const { runRunBatchCommand } = await import('./workflows/run-batch.js');
-        process.exitCode = await runRunBatchCommand(rest);
-        return;
-      }
-      case 'eval': {
-        const { runEvalCommand } = await import('./workflows/prism-eval.js');
-        process.exitCode = await runEvalCommand(rest);
-        return;
-      }
       case undefined:
       case '-h':
       case '--help':
@@ -76,7 +67,7 @@ export async function main(argv: string[]): Promise<void> {
         throw new CliUsageError(`unknown command "${command}"`);
     }
   } catch (err) {
-    const named = ['serve', 'generate-model', 'caption', 'run-batch', 'eval'].includes(command ?? '');
+    const named = COMMANDS.has(command ?? '');
     const prefix = named ? `caprl ${command}` : 'caprl';
     if (err instanceof CliFatalError) {
       process.stderr.write(`${prefix}: error: ${err.message}\n`);

@@ -176,6 +176,14 @@ export function parseArgs(spec: CommandSpec, argv: readonly string[]): ParsedArg
   return { values, help };
 }
 
+/** parseArgs for a command's entry: on --help prints the help and returns null (the command then exits 0). */
+export function parseArgsOrHelp(spec: CommandSpec, argv: readonly string[]): Record<string, ParsedValue> | null {
+  const parsed = parseArgs(spec, argv);
+  if (!parsed.help) return parsed.values;
+  process.stdout.write(formatHelp(spec));
+  return null;
+}
+
 /** argparse-like help text. */
 export function formatHelp(spec: CommandSpec): string {
   const lines: string[] = [];

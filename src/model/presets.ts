@@ -77,6 +77,15 @@ export interface Preset extends ModelShape {
 
 const CLIP_MEAN: [number, number, number] = [0.48145466, 0.4578275, 0.40821073];
 const CLIP_STD: [number, number, number] = [0.26862954, 0.26130258, 0.27577711];
+/** The same in every Qwen2.5-VL size: preprocessor_config.json and the vision norm eps. */
+const QWEN25VL_VISION_INPUT = {
+  imageSize: 560,
+  imageMean: CLIP_MEAN,
+  imageStd: CLIP_STD,
+  minPixels: 3136,
+  maxPixels: 12845056,
+  eps: 1e-6,
+};
 
 export const PRESETS: Record<PresetName, Preset> = {
   tiny: {
@@ -107,12 +116,7 @@ export const PRESETS: Record<PresetName, Preset> = {
       windowSize: 112,
       fullAttnBlocks: [1, 3],
       outDim: 128,
-      imageSize: 560,
-      imageMean: CLIP_MEAN,
-      imageStd: CLIP_STD,
-      minPixels: 3136,
-      maxPixels: 12845056,
-      eps: 1e-6,
+      ...QWEN25VL_VISION_INPUT,
     },
   },
   'caprl-3b': {
@@ -143,12 +147,7 @@ export const PRESETS: Record<PresetName, Preset> = {
       windowSize: 112,
       fullAttnBlocks: [7, 15, 23, 31],
       outDim: 2048,
-      imageSize: 560,
-      imageMean: CLIP_MEAN,
-      imageStd: CLIP_STD,
-      minPixels: 3136,
-      maxPixels: 12845056,
-      eps: 1e-6,
+      ...QWEN25VL_VISION_INPUT,
     },
   },
 };

@@ -1,10 +1,10 @@
 // `caprl caption INPUT -o out.jsonl`: bulk captioning, in this process or against servers.
 import path from 'node:path';
 import type { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, parseArgsOrHelp, type CommandSpec } from '../entrypoints/cli-args.js';
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult } from './caption.js';
 import {
-  RETRIES_FLAG, endpointOptions, engineFlags, int, openEngineFromFlags, positiveInt, samplingFlags, settingsFromFlags, shardFromFlags, stopSignals, str, strings,
+  RETRIES_FLAG, endpointOptions, engineFlags, int, openEngineFromFlags, positiveInt, requireStr, samplingFlags, settingsFromFlags, shardFromFlags, stopSignals, str, strings,
 } from './cli-common.js';
 import { EndpointError, EndpointPool } from './endpoints.js';
 import { InputError, openInputSource } from './input-sources.js';
@@ -52,16 +52,10 @@ export function summaryLine(label: string, out: string, r: CaptionJobResult): st
 }
 
 export async function runCaptionCommand(argv: readonly string[]): Promise<number> {
-  const parsed = parseArgs(CAPTION_SPEC, argv);
-  if (parsed.help) {
-    process.stdout.write(formatHelp(CAPTION_SPEC));
-    return 0;
-  }
-  const v = parsed.values;
-  const input = str(v, 'input');
-  if (!input) throw new CliUsageError('an INPUT is required: caprl caption INPUT -o OUT.jsonl');
-  const output = str(v, 'output');
-  if (!output) throw new CliUsageError('an output file is required: -o OUT.jsonl');
+  const v = parseArgsOrHelp(CAPTION_SPEC, argv);
+  if (!v) return 0;
+  const input = requireStr(v, 'input', 'an INPUT is required: caprl caption INPUT -o OUT.jsonl');
+  const output = requireStr(v, 'output', 'an output file is required: -o OUT.jsonl');
   const endpoints = strings(v, 'endpoint');
   if (endpoints && (str(v, 'model') || str(v, 'mmproj'))) {
     throw new CliUsageError('give either --endpoint (servers) or --model/--mmproj (in this process), not both');

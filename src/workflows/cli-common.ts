@@ -71,6 +71,13 @@ export function str(values: Record<string, ParsedValue>, key: string): string | 
   return typeof v === 'string' ? v : undefined;
 }
 
+/** A string flag the command cannot run without: missing or empty is a usage error with `message`. */
+export function requireStr(values: Record<string, ParsedValue>, key: string, message: string): string {
+  const v = str(values, key);
+  if (!v) throw new CliUsageError(message);
+  return v;
+}
+
 export function int(values: Record<string, ParsedValue>, key: string): number | undefined {
   const v = values[key];
   return typeof v === 'number' ? v : undefined;

@@ -9,13 +9,13 @@
 import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, parseArgsOrHelp, type CommandSpec, type ParsedValue } from '../entrypoints/cli-args.js';
 import { ApiError } from '../entrypoints/openai/errors.js';
 import { ANSWER_DEFAULTS, ENDPOINT_ANSWER_MAX_TOKENS, EndpointAnswerer, EngineAnswerer, answerSettings, type Answerer } from './answerer.js';
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult, type SamplingSettings } from './caption.js';
 import { summaryLine } from './caption-cli.js';
 import {
-  RETRIES_FLAG, endpointOptions, engineFlags, int, openEngineFromFlags, positiveInt, samplingFlags, settingsFromFlags, stopSignals, str, strings,
+  RETRIES_FLAG, endpointOptions, engineFlags, int, openEngineFromFlags, positiveInt, requireStr, samplingFlags, settingsFromFlags, stopSignals, str, strings,
 } from './cli-common.js';
 import { EndpointError, EndpointPool } from './endpoints.js';
 import { errorMessage } from './errors.js';
@@ -280,16 +280,10 @@ async function openAnswerer(v: Record<string, ParsedValue>): Promise<{ answerer:
 }
 
 export async function runEvalCommand(argv: readonly string[]): Promise<number> {
-  const parsed = parseArgs(EVAL_SPEC, argv);
-  if (parsed.help) {
-    process.stdout.write(formatHelp(EVAL_SPEC));
-    return 0;
-  }
-  const v = parsed.values;
-  const input = str(v, 'input');
-  const outDir = str(v, 'outDir');
-  if (!input) throw new CliUsageError('an input file is required: -i DATA.jsonl');
-  if (!outDir) throw new CliUsageError('an output folder is required: -o DIR');
+  const v = parseArgsOrHelp(EVAL_SPEC, argv);
+  if (!v) return 0;
+  const input = requireStr(v, 'input', 'an input file is required: -i DATA.jsonl');
+  const outDir = requireStr(v, 'outDir', 'an output folder is required: -o DIR');
   const stage = str(v, 'stage') ?? 'all';
   const captionStage = stage !== 'answer';
   const answerStage = stage !== 'caption';

@@ -10,9 +10,9 @@ import { createReadStream } from 'node:fs';
 import { createInterface } from 'node:readline';
 import type { FastifyInstance } from 'fastify';
 import type { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, parseArgsOrHelp, type CommandSpec } from '../entrypoints/cli-args.js';
 import { buildServer } from '../entrypoints/openai/server.js';
-import { engineFlags, int, openEngineFromFlags, positiveInt, stopSignals, str } from './cli-common.js';
+import { engineFlags, int, openEngineFromFlags, positiveInt, requireStr, stopSignals, str } from './cli-common.js';
 import { errorMessage } from './errors.js';
 import { JsonlAppender, type JsonRecord } from './jsonl-writer.js';
 import { runPool } from './pool.js';
@@ -215,17 +215,11 @@ export const RUN_BATCH_SPEC: CommandSpec = {
 };
 
 export async function runRunBatchCommand(argv: readonly string[]): Promise<number> {
-  const parsed = parseArgs(RUN_BATCH_SPEC, argv);
-  if (parsed.help) {
-    process.stdout.write(formatHelp(RUN_BATCH_SPEC));
-    return 0;
-  }
-  const v = parsed.values;
-  const input = str(v, 'input');
-  const output = str(v, 'output');
-  if (!input) throw new CliUsageError('an input file is required: -i IN.jsonl');
-  if (!output) throw new CliUsageError('an output file is required: -o OUT.jsonl');
-  if (!str(v, 'model')) throw new CliUsageError('a model is required: --model MODEL.gguf [--mmproj MMPROJ.gguf]');
+  const v = parseArgsOrHelp(RUN_BATCH_SPEC, argv);
+  if (!v) return 0;
+  const input = requireStr(v, 'input', 'an input file is required: -i IN.jsonl');
+  const output = requireStr(v, 'output', 'an output file is required: -o OUT.jsonl');
+  requireStr(v, 'model', 'a model is required: --model MODEL.gguf [--mmproj MMPROJ.gguf]');
   const concurrency = positiveInt(v, 'concurrency', 'concurrency');
   const limit = int(v, 'limit');
   if (limit !== undefined && limit < 0) throw new CliUsageError(`argument --limit: must be non-negative, got ${limit}`);

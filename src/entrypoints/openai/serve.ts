@@ -8,7 +8,7 @@ import { Engine } from '../../engine/engine.js';
 import type { EngineOptions, GpuDevice, VisionEncoderKind } from '../../engine/native-types.js';
 import { loadAddon } from '../../engine/native.js';
 import { DEFAULT_KV_CACHE_TOKENS, checkKvCacheFlags, describeKvCache, kvCacheOnGpu, kvCacheSizing, type KvCacheFlags } from './kv-cache-sizing.js';
-import { CliFatalError, CliUsageError, formatHelp, parseArgs, type CommandSpec, type ParsedValue } from '../cli-args.js';
+import { CliFatalError, CliUsageError, parseArgsOrHelp, type CommandSpec, type ParsedValue } from '../cli-args.js';
 import { buildServer } from './server.js';
 import { ADMISSION_FLAGS, admissionConfigFromArgs, type AdmissionConfig } from './admission.js';
 import { GracefulShutdown } from './shutdown.js';
@@ -181,15 +181,12 @@ export function engineOptionsFor(cfg: ServeConfig, gpus: readonly GpuDevice[] = 
 
 /** Runs `caprl serve ARGS`; resolves with the exit code once the server has shut down. */
 export async function runServe(argv: readonly string[]): Promise<number> {
-  const parsed = parseArgs(SERVE_SPEC, argv);
-  if (parsed.help) {
-    process.stdout.write(formatHelp(SERVE_SPEC));
-    return 0;
-  }
+  const values = parseArgsOrHelp(SERVE_SPEC, argv);
+  if (!values) return 0;
   // vLLM flags first (e.g. --tensor-parallel-size 2), before any download.
-  vllmCompatConfig(parsed.values);
+  vllmCompatConfig(values);
   // A Hugging Face folder or repo id becomes a GGUF pair here (download + conversion, cached).
-  const cfg = serveConfigFromArgs(await resolveServeModel(parsed.values));
+  const cfg = serveConfigFromArgs(await resolveServeModel(values));
 
   let engine: Engine;
   try {
