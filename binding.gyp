@@ -10,7 +10,6 @@
         "native/addon.cpp",
         "native/engine.cpp",
         "native/kv-plan.cpp",
-        "native/prompt-prep.cpp",
         "native/qwen-vision-encoder.cpp",
         "native/sampler.cpp",
         "native/text-stream.cpp",

@@ -450,12 +450,12 @@ void Engine::prepare_ahead() {
     // The next requests in line (as many as could be admitted at once) are prepared ahead; the
     // rest wait unprepared, so prepared images held in memory stay bounded.
     // Handed over in one call: the prep thread then reports them ready together.
-    std::vector<PromptPrep::Job> jobs;
+    std::vector<PromptJob> jobs;
     size_t k = 0;
     for (auto & req : waiting_) {
         if (k++ >= opts_.max_seqs) break;
         if (!prep_sent_.insert(req.id).second) continue;
-        jobs.push_back(PromptPrep::Job{req.id, req.prompt, std::move(req.images)});
+        jobs.push_back(PromptJob{(uint64_t) req.id, req.prompt, std::move(req.images)});
     }
     if (!jobs.empty()) prep_->submit(std::move(jobs));
 }

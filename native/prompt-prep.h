@@ -4,18 +4,13 @@
 // request that must wait for KV cells is prepared once, not again at every step.
 #pragma once
 
+#include "job-thread.h"
 #include "sequence.h"
 #include "types.h"
 
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <functional>
-#include <mutex>
 #include <string>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 namespace caprl {
@@ -28,38 +23,25 @@ struct PreparedPrompt {
     std::vector<Image> images;   // the request's images, handed back (our encoder reads the pixels)
 };
 
-class PromptPrep {
+struct PromptJob {
+    uint64_t key;  // the request's id
+    std::string prompt;
+    std::vector<Image> images;
+};
+
+// One prompt per pass; the engine is told when every prompt handed over so far is ready, so a
+// burst handed over together is admitted in one step.
+class PromptPrep : public JobThread<PromptJob, PreparedPrompt> {
   public:
     using PrepareFn = std::function<PreparedPrompt(const std::string & prompt, std::vector<Image> && images)>;
-    struct Job {
-        int64_t id;
-        std::string prompt;
-        std::vector<Image> images;
-    };
-    // on_ready is called (from the prep thread) each time the queue runs empty: every job handed
-    // over so far is prepared (or dropped).
-    PromptPrep(PrepareFn prepare, std::function<void()> on_ready);
-    ~PromptPrep();  // drops pending work and joins
-
-    void submit(std::vector<Job> && jobs);
-    // If prompt `id` is prepared, moves it out and returns true.
-    bool take(int64_t id, PreparedPrompt & out);
-    // Forgets a request that ended before admission.
-    void drop(int64_t id);
-
-  private:
-    void loop();
-
-    PrepareFn prepare_;
-    std::function<void()> on_ready_;
-    std::mutex mu_;
-    std::condition_variable cv_;
-    std::deque<Job> queue_;
-    std::unordered_map<int64_t, PreparedPrompt> done_;
-    std::unordered_set<int64_t> dropped_;
-    int64_t busy_id_ = -1;
-    bool stopping_ = false;
-    std::thread thread_;
+    PromptPrep(PrepareFn prepare, std::function<void()> on_ready)
+        : JobThread(
+              [prepare = std::move(prepare)](std::vector<PromptJob> & jobs) {
+                  std::vector<PreparedPrompt> out;
+                  out.push_back(prepare(jobs[0].prompt, std::move(jobs[0].images)));
+                  return out;
+              },
+              std::move(on_ready), Notify::WhenDrained) {}
 };
 
 }  // namespace caprl

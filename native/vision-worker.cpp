@@ -8,38 +8,29 @@
 namespace caprl {
 
 VisionWorker::VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready)
-    : mtmd_(mtmd), encoder_(encoder), n_embd_(n_embd), on_ready_(std::move(on_ready)), cache_limit_(cache_bytes) {
-    thread_ = std::thread([this] { loop(); });
-}
-
-VisionWorker::~VisionWorker() {
-    {
-        std::lock_guard<std::mutex> lk(mu_);
-        stopping_ = true;
-        queue_.clear();
-    }
-    cv_.notify_one();
-    if (thread_.joinable()) thread_.join();
-}
+    : mtmd_(mtmd), encoder_(encoder), n_embd_(n_embd), cache_limit_(cache_bytes),
+      jobs_([this](std::vector<Job> & jobs) { return encode(jobs); }, std::move(on_ready), JobThread<Job, Result>::Notify::EachPass,
+            [this](const std::deque<Job> & queue) { return batch_size(queue); }) {}
 
 void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, const Image * image) {
     const char * id = mtmd_input_chunk_get_id(chunk);
+    Result cached{true, {}};
+    bool hit = false;
     {
-        std::lock_guard<std::mutex> lk(mu_);
-        Result cached{true, {}};
-        if (id && cache_get(id, cached.embd)) {
-            hits_++;
-            done_.emplace(key, std::move(cached));
-        } else {
-            if (id && cache_limit_ > 0) misses_++;
-            std::shared_ptr<const Image> copy;
-            if (encoder_ && image) copy = std::make_shared<const Image>(*image);
-            queue_.push_back({key, std::move(owner), chunk, std::move(copy)});
-            cv_.notify_one();
-            return;
-        }
+        std::lock_guard<std::mutex> lk(cache_mu_);
+        hit = id && cache_get(id, cached.embd);
     }
-    on_ready_();
+    if (hit) {
+        hits_++;
+        jobs_.complete(key, std::move(cached));
+        return;
+    }
+    if (id && cache_limit_ > 0) misses_++;
+    std::shared_ptr<const Image> copy;
+    if (encoder_ && image) copy = std::make_shared<const Image>(*image);
+    std::vector<Job> one;
+    one.push_back(Job{key, std::move(owner), chunk, std::move(copy)});
+    jobs_.submit(std::move(one));
 }
 
 bool VisionWorker::cache_get(const std::string & id, std::vector<float> & out) {
@@ -65,26 +56,37 @@ void VisionWorker::cache_put(const std::string & id, const std::vector<float> & 
 }
 
 bool VisionWorker::take(uint64_t key, std::vector<float> & embd, bool & ok, double & seconds) {
-    std::lock_guard<std::mutex> lk(mu_);
-    auto it = done_.find(key);
-    if (it == done_.end()) return false;
-    ok = it->second.ok;
-    seconds = it->second.seconds;
-    embd = std::move(it->second.embd);
-    done_.erase(it);
+    Result r;
+    if (!jobs_.take(key, r)) return false;
+    ok = r.ok;
+    seconds = r.seconds;
+    embd = std::move(r.embd);
     return true;
 }
 
-void VisionWorker::drop(uint64_t key) {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (done_.erase(key)) return;
-    const auto before = queue_.size();
-    queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const Job & j) { return j.key == key; }), queue_.end());
-    if (queue_.size() == before && busy_.count(key)) dropped_.insert(key);
+void VisionWorker::drop(uint64_t key) { jobs_.drop(key); }
+
+size_t VisionWorker::batch_size(const std::deque<Job> & queue) const {
+    if (!encoder_ || !queue.front().image) return 1;
+    const int64_t budget = encoder_->max_patches();
+    int64_t patches = 0;
+    size_t n = 0;
+    for (const Job & next : queue) {
+        if (!next.image) break;
+        int64_t p = 0;
+        try {
+            p = QwenVisionEncoder::n_patches(*next.image);
+        } catch (const std::exception &) {}  // the encoder reports the bad image
+        if (n > 0 && patches + p > budget) break;
+        patches += p;
+        n++;
+    }
+    return n;
 }
 
-std::vector<VisionWorker::Result> VisionWorker::encode(const std::vector<Job> & jobs) {
-    std::vector<Result> results(jobs.size(), Result{false, {}});
+std::vector<VisionWorker::Result> VisionWorker::encode(std::vector<Job> & jobs) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<Result> results(jobs.size());
     if (!encoder_ || !jobs[0].image) {
         Result & r = results[0];
         r.ok = mtmd_encode_chunk(mtmd_, jobs[0].chunk) == 0;
@@ -92,67 +94,30 @@ std::vector<VisionWorker::Result> VisionWorker::encode(const std::vector<Job> & 
             const float * out = mtmd_get_output_embd(mtmd_);
             r.embd.assign(out, out + (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[0].chunk));
         }
-        return results;
-    }
-    std::vector<const Image *> images;
-    for (const Job & j : jobs) images.push_back(j.image.get());
-    try {
-        std::vector<std::vector<float>> embd = encoder_->encode(images);
-        for (size_t i = 0; i < jobs.size(); i++) {
-            // The rows must be the ones mtmd planned for the chunk (same canvas rule), or the
-            // prompt's positions would not match.
-            results[i].ok = embd[i].size() == (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[i].chunk);
-            if (results[i].ok) results[i].embd = std::move(embd[i]);
+    } else {
+        std::vector<const Image *> images;
+        for (const Job & j : jobs) images.push_back(j.image.get());
+        try {
+            std::vector<std::vector<float>> embd = encoder_->encode(images);
+            for (size_t i = 0; i < jobs.size(); i++) {
+                // The rows must be the ones mtmd planned for the chunk (same canvas rule), or the
+                // prompt's positions would not match.
+                results[i].ok = embd[i].size() == (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[i].chunk);
+                if (results[i].ok) results[i].embd = std::move(embd[i]);
+            }
+        } catch (const std::exception & e) {
+            fprintf(stderr, "caprl vision encoder: %s\n", e.what());
         }
-    } catch (const std::exception & e) {
-        fprintf(stderr, "caprl vision encoder: %s\n", e.what());
+    }
+    // A pass's images are ready together: each waited the whole pass.
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    for (size_t i = 0; i < jobs.size(); i++) {
+        results[i].seconds = seconds;
+        const char * id = mtmd_input_chunk_get_id(jobs[i].chunk);
+        if (results[i].ok && id) cache_put(id, results[i].embd);
     }
     return results;
-}
-
-void VisionWorker::loop() {
-    for (;;) {
-        std::vector<Job> jobs;
-        {
-            std::unique_lock<std::mutex> lk(mu_);
-            cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
-            if (stopping_) return;
-            // mtmd: one image. Our encoder: every queued image that fits one of its graphs, whose
-            // buffers it sized (reserve()) for that many patches (at least one image).
-            const bool ours = encoder_ && queue_.front().image;
-            const int64_t budget = encoder_ ? encoder_->max_patches() : 0;
-            int64_t patches = 0;
-            while (!queue_.empty()) {
-                Job & next = queue_.front();
-                if (!jobs.empty() && (!ours || !next.image)) break;
-                int64_t n = 0;
-                try {
-                    n = ours ? QwenVisionEncoder::n_patches(*next.image) : 0;
-                } catch (const std::exception &) {}  // the encoder reports the bad image
-                if (!jobs.empty() && patches + n > budget) break;
-                patches += n;
-                busy_.insert(next.key);
-                jobs.push_back(std::move(next));
-                queue_.pop_front();
-            }
-        }
-        const auto t0 = std::chrono::steady_clock::now();
-        std::vector<Result> results = encode(jobs);
-        // A batch's images are ready together: each waited the whole pass.
-        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        for (Result & r : results) r.seconds = seconds;
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            for (size_t i = 0; i < jobs.size(); i++) {
-                const char * id = mtmd_input_chunk_get_id(jobs[i].chunk);
-                busy_.erase(jobs[i].key);
-                if (results[i].ok && id) cache_put(id, results[i].embd);
-                if (!dropped_.erase(jobs[i].key)) done_.emplace(jobs[i].key, std::move(results[i]));
-            }
-        }
-        jobs.clear();  // releases the chunks (their owners may be gone)
-        on_ready_();
-    }
 }
 
 }  // namespace caprl

@@ -4,12 +4,12 @@
 // every queued image, up to the encoder's graph capacity (max_patches()), is encoded in one pass.
 #pragma once
 
+#include "job-thread.h"
 #include "mtmd.h"
 #include "qwen-vision-encoder.h"
 #include "types.h"
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -17,9 +17,7 @@
 #include <memory>
 #include <string>
 #include <mutex>
-#include <thread>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 namespace caprl {
@@ -33,7 +31,6 @@ class VisionWorker {
     // (the engine sets it to a hash of the image's pixels and size). With `encoder` (may be null),
     // images are encoded by it, in batches, instead of by mtmd/clip one at a time.
     VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready);
-    ~VisionWorker();  // drops pending work and joins
 
     // Queues one image chunk; `owner` keeps it alive while queued or being encoded. `image` is the
     // chunk's RGB image (copied; needed only with our encoder, which preprocesses it itself).
@@ -55,35 +52,31 @@ class VisionWorker {
         std::shared_ptr<const Image> image;
     };
     struct Result {
-        bool ok;
+        bool ok = false;
         std::vector<float> embd;
         double seconds = 0;
     };
-    void loop();
-    // Encodes a batch of jobs with encoder_ (all of them in one pass) or mtmd (a batch of one).
-    std::vector<Result> encode(const std::vector<Job> & jobs);
-    // Cache, guarded by mu_.
+    // How many queued jobs the next pass takes: mtmd one; our encoder every queued image that
+    // fits one of its graphs, whose buffers it sized (reserve()) for that many patches.
+    size_t batch_size(const std::deque<Job> & queue) const;
+    // Encodes a pass of jobs with encoder_ (all of them in one pass) or mtmd (a batch of one).
+    std::vector<Result> encode(std::vector<Job> & jobs);
+    // LRU cache of embeddings by chunk id, guarded by cache_mu_.
     bool cache_get(const std::string & id, std::vector<float> & out);
     void cache_put(const std::string & id, const std::vector<float> & embd);
 
     mtmd_context * mtmd_;
     QwenVisionEncoder * encoder_;
     int32_t n_embd_;
-    std::function<void()> on_ready_;
-    std::mutex mu_;
-    std::condition_variable cv_;
-    std::deque<Job> queue_;
-    std::unordered_map<uint64_t, Result> done_;
-    std::unordered_set<uint64_t> dropped_;
-    std::unordered_set<uint64_t> busy_;  // keys being encoded
+    std::mutex cache_mu_;
     size_t cache_limit_;
     size_t cache_bytes_ = 0;
     std::list<std::pair<std::string, std::vector<float>>> lru_;  // most recent first
     std::unordered_map<std::string, decltype(lru_)::iterator> cache_;
     std::atomic<uint64_t> hits_{0};
     std::atomic<uint64_t> misses_{0};
-    bool stopping_ = false;
-    std::thread thread_;
+    // Last: its thread stops (destroyed first) before the members it uses go.
+    JobThread<Job, Result> jobs_;
 };
 
 }  // namespace caprl

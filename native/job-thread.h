@@ -1,0 +1,138 @@
+// A thread that works through a queue of keyed jobs for the engine thread and keeps each result
+// until the engine takes it. A job dropped while queued is removed; one dropped while it runs has
+// its result discarded when it finishes. The prompt-prep thread and the vision worker are each
+// one of these; they differ in what a job is, how many run in one pass, and when the engine is told.
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace caprl {
+
+// Job must have a `key` member (uint64_t), unique among the jobs and results held.
+template <typename Job, typename Result>
+class JobThread {
+  public:
+    // Runs a pass over jobs taken from the queue, off the lock; one result per job, in order.
+    using RunFn = std::function<std::vector<Result>(std::vector<Job> & jobs)>;
+    // How many jobs from the front of the (non-empty) queue make the next pass (at least 1);
+    // called with the lock held.
+    using BatchFn = std::function<size_t(const std::deque<Job> & queue)>;
+    // When on_ready is called: after every pass, or only when the queue has run empty (jobs
+    // handed over together are then reported ready together).
+    enum class Notify { EachPass, WhenDrained };
+
+    JobThread(RunFn run, std::function<void()> on_ready, Notify notify, BatchFn batch = nullptr)
+        : run_(std::move(run)), batch_(std::move(batch)), on_ready_(std::move(on_ready)), notify_(notify) {
+        thread_ = std::thread([this] { loop(); });
+    }
+
+    ~JobThread() {  // drops pending work and joins
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            stopping_ = true;
+            queue_.clear();
+        }
+        cv_.notify_all();
+        if (thread_.joinable()) thread_.join();
+    }
+
+    JobThread(const JobThread &) = delete;
+    JobThread & operator=(const JobThread &) = delete;
+
+    void submit(std::vector<Job> && jobs) {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            for (auto & j : jobs) queue_.push_back(std::move(j));
+        }
+        cv_.notify_one();
+    }
+
+    // A result that needs no pass (a cache hit): held for take() at once, and on_ready called.
+    void complete(uint64_t key, Result && r) {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            done_.insert_or_assign(key, std::move(r));
+        }
+        on_ready_();
+    }
+
+    // If job `key` is done, moves its result out and returns true.
+    bool take(uint64_t key, Result & out) {
+        std::lock_guard<std::mutex> lk(mu_);
+        auto it = done_.find(key);
+        if (it == done_.end()) return false;
+        out = std::move(it->second);
+        done_.erase(it);
+        return true;
+    }
+
+    // Forgets a job whose request ended, wherever it is.
+    void drop(uint64_t key) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (done_.erase(key)) return;
+        for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+            if (it->key == key) {
+                queue_.erase(it);
+                return;
+            }
+        }
+        if (running_.count(key)) dropped_.insert(key);
+    }
+
+  private:
+    void loop() {
+        for (;;) {
+            std::vector<Job> jobs;
+            {
+                std::unique_lock<std::mutex> lk(mu_);
+                cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+                if (stopping_) return;
+                const size_t n = batch_ ? std::max<size_t>(1, std::min(batch_(queue_), queue_.size())) : 1;
+                for (size_t i = 0; i < n; i++) {
+                    running_.insert(queue_.front().key);
+                    jobs.push_back(std::move(queue_.front()));
+                    queue_.pop_front();
+                }
+            }
+            std::vector<Result> results = run_(jobs);
+            bool drained = false;
+            {
+                std::lock_guard<std::mutex> lk(mu_);
+                for (size_t i = 0; i < jobs.size(); i++) {
+                    const uint64_t key = jobs[i].key;
+                    running_.erase(key);
+                    if (!dropped_.erase(key) && !stopping_) done_.insert_or_assign(key, std::move(results[i]));
+                }
+                drained = queue_.empty();
+            }
+            jobs.clear();  // releases what the jobs held before the engine is told
+            if (notify_ == Notify::EachPass || drained) on_ready_();
+        }
+    }
+
+    RunFn run_;
+    BatchFn batch_;
+    std::function<void()> on_ready_;
+    Notify notify_;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<Job> queue_;
+    std::unordered_map<uint64_t, Result> done_;
+    std::unordered_set<uint64_t> running_;
+    std::unordered_set<uint64_t> dropped_;  // dropped while running: the result is discarded
+    bool stopping_ = false;
+    std::thread thread_;
+};
+
+}  // namespace caprl
