@@ -857,8 +857,13 @@ void Engine::sample_outputs() {
     }
     // Every sequence's token at once, on the sampling threads: a draw reads only its logits row
     // and its own sampler, so the tokens are the same whichever thread draws them.
+    // The rows' logits are looked up here, on this thread: llama.cpp puts a step's outputs back in
+    // batch order lazily, by swapping rows on the first read (with a stream per sequence the
+    // ubatch orders them by sequence id), and that must not run on several threads at once.
+    std::vector<const float *> logits(rows.size());
+    for (size_t i = 0; i < rows.size(); i++) logits[i] = llama_get_logits_ith(ctx_, rows[i].second);
     std::vector<Draw> draws(rows.size());
-    sampling_->run(rows.size(), [&](size_t i) { draws[i] = draw(*rows[i].first, rows[i].second); });
+    sampling_->run(rows.size(), [&](size_t i) { draws[i] = draw(*rows[i].first, logits[i]); });
     for (size_t i = 0; i < rows.size(); i++) accept(*rows[i].first, std::move(draws[i]));
     running_.splice(running_.end(), forked);
 }
@@ -886,11 +891,11 @@ Sequence Engine::fork_choice(const Sequence & parent, int32_t index, llama_seq_i
     return c;
 }
 
-Engine::Draw Engine::draw(Sequence & seq, int32_t row) const {
+Engine::Draw Engine::draw(Sequence & seq, const float * logits) const {
     const SamplingParams & sp = seq.req.sampling;
     Draw d;
     d.suppress_eog = sp.ignore_eos || seq.n_generated < sp.min_tokens;
-    d.token = seq.sampler->sample(llama_get_logits_ith(ctx_, row), d.suppress_eog, sp.logprobs >= 0 ? &d.logprob : nullptr,
+    d.token = seq.sampler->sample(logits, d.suppress_eog, sp.logprobs >= 0 ? &d.logprob : nullptr,
                                   std::max(sp.logprobs, 0));
     return d;
 }

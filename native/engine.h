@@ -101,7 +101,7 @@ class Engine {
         bool suppress_eog = false;
         TokenLogprob logprob;
     };
-    Draw draw(Sequence & seq, int32_t row) const;  // thread-safe across sequences
+    Draw draw(Sequence & seq, const float * logits) const;  // thread-safe across sequences
     void accept(Sequence & seq, Draw && d);         // engine thread: stop checks, text, events
     Sequence fork_choice(const Sequence & parent, int32_t index, llama_seq_id seq_id);
     // Ends every choice of a request that never got a sequence (cancelled while waiting, bad prompt).

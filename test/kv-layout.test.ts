@@ -82,3 +82,20 @@ t.test('shared pool: n choices that cannot all reach max_tokens stop at their sh
   for await (const ev of huge) if (ev.finish) reasons.push(ev.finish.reason);
   t.same(reasons, ['length', 'length', 'length', 'length'], 'n = 4 x 10 tokens fits: each choice runs to max_tokens');
 });
+
+t.test('a stream per sequence, sampled on 3 threads, sequence ids reused out of order: the tokens each gets alone', async (t) => {
+  const { model } = await tinyModel();
+  const engine = new Engine({ model, nCtx: 4 * 512, maxModelLen: 512, maxSeqs: 4, nBatch: 512, nThreads: 2, nSamplingThreads: 3, logLevel: 'error' });
+  t.teardown(() => engine.close());
+  t.equal(engine.info.kvCache.layout, 'per-sequence');
+  const solo: number[][] = [];
+  for (let i = 0; i < 4; i++) solo.push((await run(engine, prompt(i), 1, 24))[0]!);
+  for (let round = 0; round < 8; round++) {
+    // Different lengths end the sequences in another order than they started, so the next
+    // requests get their sequence ids (and streams) out of order: llama.cpp then reorders the
+    // step's outputs, lazily, on the first read of the logits.
+    await Promise.all([30, 5, 20, 10].map((n, i) => run(engine, prompt(4 + i), 1, n + round)));
+    const together = await Promise.all([0, 1, 2, 3].map(async (i) => (await run(engine, prompt(i), 1, 24))[0]!));
+    t.same(together, solo, `round ${round}: 4 sequences on reused streams get the tokens each gets alone`);
+  }
+});
