@@ -1,10 +1,10 @@
-// A seeded random workload against the engine in both KV layouts, with the step's draws on 3
-// sampling threads: bursts and stragglers, images (multi-step at a 64-token budget, cached or
-// not), n choices, log-probabilities, seeded sampling, bad prompts, and cancels at random points
-// (before the first event, mid-prefill, mid-image, mid-decode). What must hold whatever the timing:
-// every choice ends exactly once, with as many tokens as it reports, at max_tokens unless it was
-// cancelled or refused; and afterwards no cell, sequence or request is left. CAPRL_SOAK_SEED=N
-// reproduces a workload.
+// A seeded random workload against the engine in both KV layouts and with both vision encoders,
+// the step's draws on 3 sampling threads: bursts and stragglers, images (multi-step at a 64-token
+// budget, cached or not), n choices, log-probabilities, seeded sampling, bad prompts, and cancels
+// at random points (before the first event, mid-prefill, mid-image, mid-decode). What must hold
+// whatever the timing: every choice ends exactly once, with as many tokens as it reports, at
+// max_tokens unless it was cancelled or refused; and afterwards no cell, sequence or request is
+// left. CAPRL_SOAK_SEED=N reproduces a workload.
 import t, { type Test } from 'tap';
 import { Engine, type EngineEvent, type EngineImage, type EngineOptions, type SamplingParams } from '../src/engine/engine.js';
 import { rng } from '../bench/load.js';
@@ -131,5 +131,8 @@ t.test(`engine soak (seed ${SEED}, CAPRL_SOAK_SEED to repeat)`, async (t) => {
   });
   t.test('a stream per sequence, image cache off', async (t) => {
     await soak(t, { ...base, nCtx: 6 * 512, maxModelLen: 512, nBatch: 128, imageCacheBytes: 0 }, SEED + 1);
+  });
+  t.test('our batched vision encoder, shared pool, image cache off', async (t) => {
+    await soak(t, { ...base, nCtx: 1024, nBatch: 128, imageCacheBytes: 0, visionEncoder: 'caprl' }, SEED + 2);
   });
 });
