@@ -402,7 +402,10 @@ PreparedPrompt Engine::prepare(const std::string & prompt, std::vector<Image> &&
             if (img.rgb.size() != (size_t) img.width * img.height * 3 || img.width == 0 || img.height == 0) {
                 return fail("image buffer does not match its size");
             }
-            bitmaps.emplace_back(img.width, img.height, img.rgb.data());
+            // Our encoder preprocesses the pixels itself: mtmd gets a placeholder of the image's
+            // size, from which it plans the same tokens and grid without resizing and normalizing
+            // the pixels into a float copy (20-30 ms and 13 MB for a 1036x1036 image).
+            bitmaps.emplace_back(img.width, img.height, caprl_vision_ ? nullptr : img.rgb.data());
             // The id keys the image-embedding cache: pixels and size (preprocessing is fixed per mmproj).
             const size_t h = std::hash<std::string_view>{}(std::string_view((const char *) img.rgb.data(), img.rgb.size()));
             const std::string id = std::to_string(img.width) + "x" + std::to_string(img.height) + ":" + std::to_string(h);
@@ -448,8 +451,8 @@ PreparedPrompt Engine::prepare(const std::string & prompt, std::vector<Image> &&
 
 void Engine::prepare_ahead() {
     // The next requests in line (as many as could be admitted at once) are prepared ahead; the
-    // rest wait unprepared, so prepared images held in memory stay bounded.
-    // Handed over in one call: the prep thread then reports them ready together.
+    // rest wait unprepared, so prepared images held in memory stay bounded. They are handed over
+    // in one call, so the prep thread reports them ready together.
     std::vector<PromptJob> jobs;
     size_t k = 0;
     for (auto & req : waiting_) {
@@ -856,10 +859,10 @@ void Engine::sample_outputs() {
         rows.emplace_back(&seq, seq.batch_row);
     }
     // Every sequence's token at once, on the sampling threads: a draw reads only its logits row
-    // and its own sampler, so the tokens are the same whichever thread draws them.
-    // The rows' logits are looked up here, on this thread: llama.cpp puts a step's outputs back in
-    // batch order lazily, by swapping rows on the first read (with a stream per sequence the
-    // ubatch orders them by sequence id), and that must not run on several threads at once.
+    // and its own sampler, so the tokens are the same whichever thread draws them. The rows are
+    // looked up first, on this thread: llama.cpp puts a step's outputs back in batch order lazily,
+    // swapping rows on the first read (with a stream per sequence the ubatch orders them by
+    // sequence id), and that must not run on several threads at once.
     std::vector<const float *> logits(rows.size());
     for (size_t i = 0; i < rows.size(); i++) logits[i] = llama_get_logits_ith(ctx_, rows[i].second);
     std::vector<Draw> draws(rows.size());
