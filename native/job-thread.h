@@ -5,12 +5,14 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -28,12 +30,12 @@ class JobThread {
     // How many jobs from the front of the (non-empty) queue make the next pass (at least 1);
     // called with the lock held.
     using BatchFn = std::function<size_t(const std::deque<Job> & queue)>;
-    // When on_ready is called: after every pass, or only when the queue has run empty (jobs
-    // handed over together are then reported ready together).
-    enum class Notify { EachPass, WhenDrained };
-
-    JobThread(RunFn run, std::function<void()> on_ready, Notify notify, BatchFn batch = nullptr)
-        : run_(std::move(run)), batch_(std::move(batch)), on_ready_(std::move(on_ready)), notify_(notify) {
+    // on_ready is called after a pass when the queue has run empty, or when the oldest result not
+    // yet reported has waited `hold` (0: after every pass). Cheap jobs handed over together are
+    // then reported ready together, while an expensive burst does not hold back its first results
+    // until its last is done.
+    JobThread(RunFn run, std::function<void()> on_ready, std::chrono::milliseconds hold, BatchFn batch = nullptr)
+        : run_(std::move(run)), batch_(std::move(batch)), on_ready_(std::move(on_ready)), hold_(hold) {
         thread_ = std::thread([this] { loop(); });
     }
 
@@ -92,6 +94,7 @@ class JobThread {
 
   private:
     void loop() {
+        std::optional<std::chrono::steady_clock::time_point> unreported_since;
         for (;;) {
             std::vector<Job> jobs;
             {
@@ -117,14 +120,19 @@ class JobThread {
                 drained = queue_.empty();
             }
             jobs.clear();  // releases what the jobs held before the engine is told
-            if (notify_ == Notify::EachPass || drained) on_ready_();
+            const auto now = std::chrono::steady_clock::now();
+            if (!unreported_since) unreported_since = now;
+            if (drained || now - *unreported_since >= hold_) {
+                unreported_since.reset();
+                on_ready_();
+            }
         }
     }
 
     RunFn run_;
     BatchFn batch_;
     std::function<void()> on_ready_;
-    Notify notify_;
+    std::chrono::milliseconds hold_;
     std::mutex mu_;
     std::condition_variable cv_;
     std::deque<Job> queue_;

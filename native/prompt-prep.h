@@ -30,7 +30,8 @@ struct PromptJob {
 };
 
 // One prompt per pass; the engine is told when every prompt handed over so far is ready, so a
-// burst handed over together is admitted in one step.
+// burst handed over together is admitted in one step, or after 50 ms, so that a burst of images
+// that take long to preprocess (clip: ~20 ms each) does not hold back its first requests.
 class PromptPrep : public JobThread<PromptJob, PreparedPrompt> {
   public:
     using PrepareFn = std::function<PreparedPrompt(const std::string & prompt, std::vector<Image> && images)>;
@@ -41,7 +42,7 @@ class PromptPrep : public JobThread<PromptJob, PreparedPrompt> {
                   out.push_back(prepare(jobs[0].prompt, std::move(jobs[0].images)));
                   return out;
               },
-              std::move(on_ready), Notify::WhenDrained) {}
+              std::move(on_ready), std::chrono::milliseconds(50)) {}
 };
 
 }  // namespace caprl

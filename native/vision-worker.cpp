@@ -9,7 +9,7 @@ namespace caprl {
 
 VisionWorker::VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready)
     : mtmd_(mtmd), encoder_(encoder), n_embd_(n_embd), cache_limit_(cache_bytes),
-      jobs_([this](std::vector<Job> & jobs) { return encode(jobs); }, std::move(on_ready), JobThread<Job, Result>::Notify::EachPass,
+      jobs_([this](std::vector<Job> & jobs) { return encode(jobs); }, std::move(on_ready), std::chrono::milliseconds(0),
             [this](const std::deque<Job> & queue) { return batch_size(queue); }) {}
 
 void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, const Image * image) {
