@@ -184,6 +184,36 @@ export function parseArgsOrHelp(spec: CommandSpec, argv: readonly string[]): Rec
   return null;
 }
 
+// Typed reads of parsed values (absent, or of another type: undefined).
+
+export function str(values: Record<string, ParsedValue>, key: string): string | undefined {
+  const v = values[key];
+  return typeof v === 'string' ? v : undefined;
+}
+
+/** A string flag the command cannot run without: missing or empty is a usage error with `message`. */
+export function requireStr(values: Record<string, ParsedValue>, key: string, message: string): string {
+  const v = str(values, key);
+  if (!v) throw new CliUsageError(message);
+  return v;
+}
+
+export function int(values: Record<string, ParsedValue>, key: string): number | undefined {
+  const v = values[key];
+  return typeof v === 'number' ? v : undefined;
+}
+
+export function strings(values: Record<string, ParsedValue>, key: string): string[] | undefined {
+  const v = values[key];
+  return Array.isArray(v) ? v : undefined;
+}
+
+export function positiveInt(values: Record<string, ParsedValue>, key: string, flag: string): number | undefined {
+  const v = int(values, key);
+  if (v !== undefined && v < 1) throw new CliUsageError(`argument --${flag}: must be at least 1, got ${v}`);
+  return v;
+}
+
 /** argparse-like help text. */
 export function formatHelp(spec: CommandSpec): string {
   const lines: string[] = [];

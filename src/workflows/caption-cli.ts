@@ -1,10 +1,10 @@
 // `caprl caption INPUT -o out.jsonl`: bulk captioning, in this process or against servers.
 import path from 'node:path';
 import type { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, parseArgsOrHelp, type CommandSpec } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, int, parseArgsOrHelp, positiveInt, requireStr, str, strings, type CommandSpec } from '../entrypoints/cli-args.js';
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult } from './caption.js';
 import {
-  RETRIES_FLAG, endpointOptions, engineFlags, int, openEngineFromFlags, positiveInt, requireStr, samplingFlags, settingsFromFlags, shardFromFlags, stopSignals, str, strings,
+  RETRIES_FLAG, endpointOptions, engineFlags, openEngineFromFlags, samplingFlags, settingsFromFlags, shardFromFlags, stopSignals,
 } from './cli-common.js';
 import { EndpointError, EndpointPool } from './endpoints.js';
 import { InputError, openInputSource } from './input-sources.js';

@@ -3,7 +3,7 @@
 // sampling flags map to the chat request fields and are validated exactly as a request is.
 import { setMaxListeners } from 'node:events';
 import { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, type FlagSpec, type ParsedValue } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, int, str, type FlagSpec, type ParsedValue } from '../entrypoints/cli-args.js';
 import { ApiError } from '../entrypoints/openai/errors.js';
 import { SERVE_SPEC, engineOptionsFor, serveConfigFromArgs, type ServeConfig } from '../entrypoints/openai/serve.js';
 import { resolveServeModel } from '../hub/model-source.js';
@@ -64,34 +64,6 @@ export function settingsFromFlags(values: Record<string, ParsedValue>, d: Sampli
     }
     throw err;
   }
-}
-
-export function str(values: Record<string, ParsedValue>, key: string): string | undefined {
-  const v = values[key];
-  return typeof v === 'string' ? v : undefined;
-}
-
-/** A string flag the command cannot run without: missing or empty is a usage error with `message`. */
-export function requireStr(values: Record<string, ParsedValue>, key: string, message: string): string {
-  const v = str(values, key);
-  if (!v) throw new CliUsageError(message);
-  return v;
-}
-
-export function int(values: Record<string, ParsedValue>, key: string): number | undefined {
-  const v = values[key];
-  return typeof v === 'number' ? v : undefined;
-}
-
-export function strings(values: Record<string, ParsedValue>, key: string): string[] | undefined {
-  const v = values[key];
-  return Array.isArray(v) ? v : undefined;
-}
-
-export function positiveInt(values: Record<string, ParsedValue>, key: string, flag: string): number | undefined {
-  const v = int(values, key);
-  if (v !== undefined && v < 1) throw new CliUsageError(`argument --${flag}: must be at least 1, got ${v}`);
-  return v;
 }
 
 export const RETRIES_FLAG: FlagSpec = {

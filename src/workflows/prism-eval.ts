@@ -9,13 +9,13 @@
 import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, parseArgsOrHelp, type CommandSpec, type ParsedValue } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, int, parseArgsOrHelp, positiveInt, requireStr, str, strings, type CommandSpec, type ParsedValue } from '../entrypoints/cli-args.js';
 import { ApiError } from '../entrypoints/openai/errors.js';
 import { ANSWER_DEFAULTS, ENDPOINT_ANSWER_MAX_TOKENS, EndpointAnswerer, EngineAnswerer, answerSettings, type Answerer } from './answerer.js';
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult, type SamplingSettings } from './caption.js';
 import { summaryLine } from './caption-cli.js';
 import {
-  RETRIES_FLAG, endpointOptions, engineFlags, int, openEngineFromFlags, positiveInt, requireStr, samplingFlags, settingsFromFlags, stopSignals, str, strings,
+  RETRIES_FLAG, endpointOptions, engineFlags, openEngineFromFlags, samplingFlags, settingsFromFlags, stopSignals,
 } from './cli-common.js';
 import { EndpointError, EndpointPool } from './endpoints.js';
 import { errorMessage } from './errors.js';

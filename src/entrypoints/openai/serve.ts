@@ -8,7 +8,7 @@ import { Engine } from '../../engine/engine.js';
 import type { EngineOptions, GpuDevice, VisionEncoderKind } from '../../engine/native-types.js';
 import { loadAddon } from '../../engine/native.js';
 import { DEFAULT_KV_CACHE_TOKENS, checkKvCacheFlags, describeKvCache, kvCacheOnGpu, kvCacheSizing, type KvCacheFlags } from './kv-cache-sizing.js';
-import { CliFatalError, CliUsageError, parseArgsOrHelp, type CommandSpec, type ParsedValue } from '../cli-args.js';
+import { CliFatalError, CliUsageError, int, parseArgsOrHelp, str, type CommandSpec, type ParsedValue } from '../cli-args.js';
 import { buildServer } from './server.js';
 import { ADMISSION_FLAGS, admissionConfigFromArgs, type AdmissionConfig } from './admission.js';
 import { GracefulShutdown } from './shutdown.js';
@@ -92,16 +92,6 @@ export function resolveChatTemplate(value: string): string {
     throw new CliUsageError(`the chat template "${value}" looks like a file path, but it could not be opened`);
   }
   return value.replace(/\\(n|t|r|\\|"|')/g, (_m, c: string) => ({ n: '\n', t: '\t', r: '\r' } as Record<string, string>)[c] ?? c);
-}
-
-function int(values: Record<string, ParsedValue>, key: string): number | undefined {
-  const v = values[key];
-  return typeof v === 'number' ? v : undefined;
-}
-
-function str(values: Record<string, ParsedValue>, key: string): string | undefined {
-  const v = values[key];
-  return typeof v === 'string' ? v : undefined;
 }
 
 const FASTIFY_LEVELS: Record<string, string> = {
