@@ -5,7 +5,8 @@
 //
 //   node dist/bench/kv-layout.js --model M.gguf [--concurrency 8,32,64] [--tokens 128] [--threads 1]
 import { parseArgs } from 'node:util';
-import { Engine, type SamplingParams } from '../src/engine/engine.js';
+import { Engine } from '../src/engine/engine.js';
+import { greedy } from './sampling.js';
 
 interface Row {
   layout: string;
@@ -22,10 +23,7 @@ async function measure(model: string, perSequence: boolean, c: number, tokens: n
     model, nCtx: maxSeqs * maxModelLen, maxSeqs, nBatch: 2048, nThreads: threads, logLevel: 'error',
     ...(perSequence ? { maxModelLen } : {}),
   });
-  const sampling: SamplingParams = {
-    temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-    seed: -1, maxTokens: tokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1,
-  };
+  const sampling = greedy(tokens);
   try {
     const steps0 = engine.stats().steps;
     const t0 = performance.now();

@@ -7,9 +7,10 @@
 //
 //   node dist/bench/prompt-prep.js --model M.gguf --mmproj P.gguf [--size 1036] [--burst 8] [--rounds 5]
 import { parseArgs } from 'node:util';
-import { Engine, type EngineImage, type SamplingParams } from '../src/engine/engine.js';
+import { Engine, type EngineImage } from '../src/engine/engine.js';
 import type { VisionEncoderKind } from '../src/engine/native-types.js';
 import { syntheticRgb } from './images.js';
+import { greedy } from './sampling.js';
 import { percentile } from './stats.js';
 
 async function burstMs(model: string, mmproj: string, encoder: VisionEncoderKind, size: number, burst: number, rounds: number): Promise<{ first: number[]; last: number[] }> {
@@ -18,10 +19,7 @@ async function burstMs(model: string, mmproj: string, encoder: VisionEncoderKind
     visionEncoder: encoder, imageCacheBytes: 0,
   });
   const prompt = `<|im_start|>user\n<|vision_start|>${engine.info.mediaMarker}<|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n`;
-  const sampling: SamplingParams = {
-    temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-    seed: -1, maxTokens: 1, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1,
-  };
+  const sampling = greedy(1);
   const out = { first: [] as number[], last: [] as number[] };
   try {
     for (let r = 0; r < rounds; r++) {

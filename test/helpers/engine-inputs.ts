@@ -1,11 +1,9 @@
-// Inputs for tests that drive the engine directly: greedy sampling that runs to max_tokens, and
-// a deterministic pixel pattern as an image (a different seed, a different image).
-import type { EngineImage, SamplingParams } from '../../src/engine/engine.js';
+// Inputs for tests that drive the engine directly: greedy sampling that runs to max_tokens (shared
+// with the engine benchmarks), and a deterministic pixel pattern as an image (a different seed, a
+// different image).
+import type { EngineImage } from '../../src/engine/engine.js';
 
-export const greedy = (maxTokens: number): SamplingParams => ({
-  temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-  seed: -1, maxTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1,
-});
+export { greedy } from '../../bench/sampling.js';
 
 export function patternImage(size: number, seed: number): EngineImage {
   const rgb = Buffer.alloc(size * size * 3);
