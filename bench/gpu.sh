@@ -242,7 +242,9 @@ main() {
   # ---------------------------------------------------------------- vision encoder
   # Ours (native/qwen-vision-encoder.cpp: batched, window attention over the real windows) vs
   # llama.cpp's clip, same images: ms per image at batch 1 and 8, and ours' relative error.
-  local vsizes=1024x1024 vbatches=1,8
+  # 1036x1036 is what the server hands the encoder for a 1024x1024 JPEG (already on the 28-px
+  # grid); 1024x1024 adds the encoder's own resize to it.
+  local vsizes=1036x1036,1024x1024 vbatches=1,8
   [ "$DRY" = 1 ] && { vsizes=224x224; vbatches=1,2; }
   phase "vision encoder: caprl vs llama.cpp clip ($PRESET-$dt0, $vsizes, batch $vbatches)"
   if [ "$(left)" -gt 60 ]; then
@@ -258,6 +260,11 @@ main() {
   if [ ! -x build/bin/caprl-sampler-check ]; then log "build/bin/caprl-sampler-check missing"
   elif [ "$(left)" -gt 30 ]; then timeout 25 build/bin/caprl-sampler-check bench 2>&1 | sed 's/^/  /'
   else log "sampler benchmark skipped: $(left)s left"; fi
+
+  # ---------------------------------------------------------------- image prep (JS)
+  phase "image prep: the server's JPEG decode + resize to the grid, on this host's CPU"
+  if [ "$(left)" -gt 30 ]; then timeout 25 node dist/bench/image-prep.js --sizes 640x480,1024x1024,4000x3000 --rounds 5 2>&1 | sed 's/^/  /'
+  else log "image prep benchmark skipped: $(left)s left"; fi
 
   # After the bench, with what time is left: our reference's HF-order patches vs transformers.
   if [ "${GPU_CHECK_RC:-1}" = 0 ] && [ "$(left)" -gt 40 ]; then

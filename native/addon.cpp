@@ -1,5 +1,6 @@
 // The Node-API surface: converts JS objects to the engine's plain structs and back.
 // Shapes are documented in src/engine/native-types.ts; JS validates requests before they get here.
+#include "addon-image.h"
 #include "addon-vision.h"
 #include "engine.h"
 
@@ -416,6 +417,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
     exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
     exports.Set("gpuDevices", Napi::Function::New(env, GpuDevices));
     exports.Set("VisionEncoder", vision_encoder_class(env));
+    exports.Set("resizeRgb", resize_rgb_function(env));
     return exports;
 }
 

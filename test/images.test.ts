@@ -2,9 +2,12 @@
 // grayscale, 16-bit, CMYK, sizes, and data URI errors.
 import t, { type Test } from 'tap';
 import sharp from 'sharp';
+import { createHash } from 'node:crypto';
+import { loadAddon } from '../src/engine/native.js';
 import { decodeImageDataUri, sniffImageFormat } from '../src/images/decode-data-uri.js';
 import { ImageInputError } from '../src/images/errors.js';
 import { prepareImage, prepareImageFromDataUri } from '../src/images/prepare.js';
+import { lcgImage, PILLOW_CASES } from './helpers/pillow-cases.js';
 
 type RGB = { r: number; g: number; b: number };
 
@@ -64,6 +67,28 @@ t.test('an image already on the grid passes through untouched', async (t) => {
   t.equal(img.width, w);
   t.equal(img.height, h);
   t.ok(img.rgb.equals(noise), 'pixels unchanged');
+});
+
+t.test('images are resized as PIL resizes them (Image.BICUBIC), bit for bit', async (t) => {
+  const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+  // Through prepareImage: the cases whose smart_resize size is the Pillow fixture's size.
+  let through = 0;
+  for (const [w, h, ow, oh, hash] of PILLOW_CASES) {
+    if (w < 28 || h < 28 || ow % 28 || oh % 28 || (ow === w && oh === h)) continue;
+    const png = await sharp(lcgImage(w, h), { raw: { width: w, height: h, channels: 3 } }).png().toBuffer();
+    const img = await prepareImage(png);
+    if (img.width !== ow || img.height !== oh) continue;
+    t.equal(sha(img.rgb), hash, `prepareImage ${w}x${h} -> ${ow}x${oh} equals Pillow`);
+    through++;
+  }
+  t.ok(through >= 2, `${through} fixtures go through prepareImage`);
+  // The addon's resizer itself, on every fixture (enlarging, shrinking, 1x1, both ways at once).
+  const { resizeRgb } = loadAddon();
+  for (const [w, h, ow, oh, hash] of PILLOW_CASES) {
+    t.equal(sha(await resizeRgb(lcgImage(w, h), w, h, ow, oh)), hash, `resizeRgb ${w}x${h} -> ${ow}x${oh} equals Pillow`);
+  }
+  t.throws(() => resizeRgb(Buffer.alloc(10), 2, 2, 4, 4), /width \* height \* 3/, 'a short buffer is refused');
+  t.throws(() => resizeRgb(Buffer.alloc(12), 2, 2, 0, 4), /outWidth must be an integer/, 'a zero side is refused');
 });
 
 t.test('EXIF orientation is applied', async (t) => {

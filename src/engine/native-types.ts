@@ -281,6 +281,11 @@ export interface NativeAddon {
   gpuDevices(): GpuDevice[];
   /** A vision encoder on its own, for tests and benchmarks comparing ours with llama.cpp's. */
   VisionEncoder: NativeVisionEncoderConstructor;
+  /**
+   * Pillow's bicubic resize of RGB8 pixels (width * height * 3 bytes, row-major) to
+   * outWidth x outHeight, on libuv's pool (kernels/image-prep-ref: as llama.cpp's mtmd and PIL).
+   */
+  resizeRgb(rgb: Buffer, width: number, height: number, outWidth: number, outHeight: number): Promise<Buffer>;
 }
 
 export type VisionEncoderKind = 'llama.cpp' | 'caprl';
