@@ -72,13 +72,13 @@ Request to_request(const Napi::Object & o) {
         Napi::Array a = images.As<Napi::Array>();
         for (uint32_t i = 0; i < a.Length(); i++) {
             Napi::Object io = require_object(a.Get(i), "image");
-            Image img;
-            img.width = (uint32_t) get_number(io, "width", 0);
-            img.height = (uint32_t) get_number(io, "height", 0);
+            auto img = std::make_shared<Image>();
+            img->width = (uint32_t) get_number(io, "width", 0);
+            img->height = (uint32_t) get_number(io, "height", 0);
             Napi::Value rgb = io.Get("rgb");
             if (!rgb.IsBuffer()) throw Napi::TypeError::New(o.Env(), "image.rgb must be a Buffer");
             auto buf = rgb.As<Napi::Buffer<unsigned char>>();
-            img.rgb.assign(buf.Data(), buf.Data() + buf.Length());
+            img->rgb.assign(buf.Data(), buf.Data() + buf.Length());
             r.images.push_back(std::move(img));
         }
     }

@@ -199,7 +199,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     for (int32_t i = (int32_t) opts_.max_seqs - 1; i >= 0; i--) free_seq_ids_.push_back(i);
 
     prep_ = std::make_unique<PromptPrep>(
-        [this](const std::string & prompt, std::vector<Image> && images) { return prepare(prompt, std::move(images)); },
+        [this](const std::string & prompt, std::vector<ImagePtr> && images) { return prepare(prompt, std::move(images)); },
         [this] { wake_from_worker(); });
     thread_ = std::thread([this] { loop(); });
 }
@@ -381,7 +381,7 @@ void Engine::take_inbox() {
 }
 
 // Runs on the prompt-prep thread: reads only what is fixed after construction (vocab, mtmd, limits).
-PreparedPrompt Engine::prepare(const std::string & prompt, std::vector<Image> && images) const {
+PreparedPrompt Engine::prepare(const std::string & prompt, std::vector<ImagePtr> && images) const {
     PreparedPrompt out;
     out.images = std::move(images);
     const auto fail = [&](const std::string & why) {
@@ -398,7 +398,8 @@ PreparedPrompt Engine::prepare(const std::string & prompt, std::vector<Image> &&
     } else {
         std::vector<mtmd::bitmap> bitmaps;
         std::vector<const mtmd_bitmap *> ptrs;
-        for (const auto & img : out.images) {
+        for (const ImagePtr & ptr : out.images) {
+            const Image & img = *ptr;
             if (img.rgb.size() != (size_t) img.width * img.height * 3 || img.width == 0 || img.height == 0) {
                 return fail("image buffer does not match its size");
             }
@@ -556,9 +557,9 @@ void Engine::submit_images(Sequence & seq) {
     for (auto & part : seq.parts) {
         if (!part.media) continue;
         part.vision_key = next_vision_key_++;
-        const Image * img = k < seq.req.images.size() ? &seq.req.images[k] : nullptr;
+        ImagePtr img = k < seq.req.images.size() ? seq.req.images[k] : nullptr;
         k++;
-        vision_->submit(part.vision_key, seq.chunks, part.media, img);
+        vision_->submit(part.vision_key, seq.chunks, part.media, std::move(img));
     }
 }
 

@@ -82,7 +82,7 @@ class Engine {
     bool step();  // one scheduler step; false when it made no progress (nothing to do, or only waiting on images)
     void take_inbox();
     void admit();
-    PreparedPrompt prepare(const std::string & prompt, std::vector<Image> && images) const;  // prep thread
+    PreparedPrompt prepare(const std::string & prompt, std::vector<ImagePtr> && images) const;  // prep thread
     void prepare_ahead();                  // hands the next waiting requests to the prep thread
     void forget_prepared(int64_t id);      // a waiting request ended
     // Decodes up to max_rows rows of the current image's embeddings into the KV cache; returns the

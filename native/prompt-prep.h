@@ -20,13 +20,13 @@ struct PreparedPrompt {
     SharedChunks chunks;         // keeps media chunks alive (mtmd)
     std::vector<PromptPart> parts;
     int32_t prompt_cells = 0;
-    std::vector<Image> images;   // the request's images, handed back (our encoder reads the pixels)
+    std::vector<ImagePtr> images;  // the request's images, handed back (our encoder reads the pixels)
 };
 
 struct PromptJob {
     uint64_t key;  // the request's id
     std::string prompt;
-    std::vector<Image> images;
+    std::vector<ImagePtr> images;
 };
 
 // One prompt per pass; the engine is told when every prompt handed over so far is ready, so a
@@ -34,7 +34,7 @@ struct PromptJob {
 // that take long to preprocess (clip: ~20 ms each) does not hold back its first requests.
 class PromptPrep : public JobThread<PromptJob, PreparedPrompt> {
   public:
-    using PrepareFn = std::function<PreparedPrompt(const std::string & prompt, std::vector<Image> && images)>;
+    using PrepareFn = std::function<PreparedPrompt(const std::string & prompt, std::vector<ImagePtr> && images)>;
     PromptPrep(PrepareFn prepare, std::function<void()> on_ready)
         : JobThread(
               [prepare = std::move(prepare)](std::vector<PromptJob> & jobs) {

@@ -4,6 +4,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -33,11 +34,15 @@ struct Image {
     std::vector<unsigned char> rgb;  // width * height * 3
 };
 
+// A request's image, shared read-only by the stages that need its pixels (prompt prep, the
+// vision worker), so that none copies them.
+using ImagePtr = std::shared_ptr<const Image>;
+
 struct Request {
     int64_t id = 0;
     int32_t n = 1;  // choices sampled from one shared prefill
     std::string prompt;
-    std::vector<Image> images;
+    std::vector<ImagePtr> images;
     SamplingParams sampling;
     std::chrono::steady_clock::time_point arrived{};  // set by Engine::submit (entry into the inbox)
 };

@@ -12,7 +12,7 @@ VisionWorker::VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int
       jobs_([this](std::vector<Job> & jobs) { return encode(jobs); }, std::move(on_ready), std::chrono::milliseconds(0),
             [this](const std::deque<Job> & queue) { return batch_size(queue); }) {}
 
-void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, const Image * image) {
+void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, ImagePtr image) {
     const char * id = mtmd_input_chunk_get_id(chunk);
     Result cached{true, {}};
     bool hit = false;
@@ -26,10 +26,8 @@ void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chu
         return;
     }
     if (id && cache_limit_ > 0) misses_++;
-    std::shared_ptr<const Image> copy;
-    if (encoder_ && image) copy = std::make_shared<const Image>(*image);
     std::vector<Job> one;
-    one.push_back(Job{key, std::move(owner), chunk, std::move(copy)});
+    one.push_back(Job{key, std::move(owner), chunk, encoder_ ? std::move(image) : nullptr});
     jobs_.submit(std::move(one));
 }
 
@@ -87,13 +85,17 @@ size_t VisionWorker::batch_size(const std::deque<Job> & queue) const {
 std::vector<VisionWorker::Result> VisionWorker::encode(std::vector<Job> & jobs) {
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<Result> results(jobs.size());
-    if (!encoder_ || !jobs[0].image) {
+    if (!encoder_) {
         Result & r = results[0];
         r.ok = mtmd_encode_chunk(mtmd_, jobs[0].chunk) == 0;
         if (r.ok) {
             const float * out = mtmd_get_output_embd(mtmd_);
             r.embd.assign(out, out + (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[0].chunk));
         }
+    } else if (!jobs[0].image) {
+        // Not reachable from the engine (each image part gets its image); mtmd holds only a
+        // placeholder of the image's size then, so clip could not stand in: the chunk fails.
+        fprintf(stderr, "caprl vision encoder: an image chunk came without its pixels\n");
     } else {
         std::vector<const Image *> images;
         for (const Job & j : jobs) images.push_back(j.image.get());

@@ -33,8 +33,8 @@ class VisionWorker {
     VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready);
 
     // Queues one image chunk; `owner` keeps it alive while queued or being encoded. `image` is the
-    // chunk's RGB image (copied; needed only with our encoder, which preprocesses it itself).
-    void submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, const Image * image = nullptr);
+    // chunk's RGB image (shared, not copied: our encoder preprocesses it itself; mtmd ignores it).
+    void submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, ImagePtr image = nullptr);
     // If the chunk is encoded, moves its embeddings out (empty on failure) and returns true;
     // seconds: time this worker spent encoding it (0 for a cache hit).
     bool take(uint64_t key, std::vector<float> & embd, bool & ok, double & seconds);
@@ -49,7 +49,7 @@ class VisionWorker {
         uint64_t key;
         SharedChunks owner;
         const mtmd_input_chunk * chunk;
-        std::shared_ptr<const Image> image;
+        ImagePtr image;
     };
     struct Result {
         bool ok = false;
