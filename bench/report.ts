@@ -1,4 +1,5 @@
 // Benchmark results: the JSON document and its markdown table.
+import type { EngineBreakdown } from './server-metrics.js';
 import type { MachineInfo } from './servers.js';
 import type { LevelSummary } from './stats.js';
 
@@ -20,6 +21,8 @@ export interface LevelRecord extends LevelSummary {
   rssPeakMiB?: number;
   /** Peak GPU memory of the server process during this level (MiB, nvidia-smi). */
   gpuPeakMiB?: number;
+  /** From the server's /metrics (caprl only): where the time went during the level. */
+  engine?: EngineBreakdown;
 }
 
 export interface BenchReport {
@@ -108,12 +111,57 @@ export function markdownReport(r: BenchReport): string {
     }
   }
   lines.push('');
+  lines.push(...engineTable(r.levels, names));
+  lines.push(...issue8Targets(r.levels, ours, theirs));
   if (theirs) lines.push(`Ratios are each server / ${theirs}: above 1 is better for captions/s and tok/s, below 1 is better for times and memory.`);
   lines.push('TTFT: request sent to first generated text; TPOT: (last - first token) / (tokens - 1) per request; ITL: gaps between streamed chunks; percentiles interpolate linearly (numpy default).');
   const errs = r.levels.filter((l) => l.errors.length);
   for (const l of errs) lines.push(`- errors ${l.server} c=${l.concurrency}: ${l.errors.join(' | ')}`);
   for (const n of r.notes) lines.push(`- ${n}`);
   return lines.join('\n') + '\n';
+}
+
+const ENGINE_COLUMNS: [string, (e: EngineBreakdown) => number, number][] = [
+  ['requests', (e) => e.requests, 0],
+  ['image prep ms', (e) => e.preprocessMs, 1],
+  ['queue ms', (e) => e.queueMs, 1],
+  ['image encode ms', (e) => e.imageEncodeMs, 1],
+  ['prefill ms', (e) => e.prefillMs, 1],
+  ['decode ms', (e) => e.decodeMs, 0],
+  ['steps', (e) => e.steps, 0],
+  ['step ms', (e) => e.stepMs, 2],
+  ['seqs/step', (e) => e.seqsPerStep, 1],
+  ['tokens/step', (e) => e.tokensPerStep, 1],
+];
+
+/** Per level, what caprl's /metrics says: means per request and per engine step. */
+function engineTable(levels: LevelRecord[], names: string[]): string[] {
+  const rows = levels.filter((l) => l.engine).sort((a, b) => a.concurrency - b.concurrency || names.indexOf(a.server) - names.indexOf(b.server));
+  if (rows.length === 0) return [];
+  const head = ['c', 'server', ...ENGINE_COLUMNS.map(([t]) => t)];
+  return [
+    'Where the time went, from the server\'s /metrics over each level (means per request; prefill = admitted -> first token, waiting on the vision encoder included; step ms = level wall time / engine steps):',
+    '',
+    `| ${head.join(' | ')} |`,
+    `|${head.map((_, i) => (i < 2 ? ' --- ' : ' ---: ')).join('|')}|`,
+    ...rows.map((l) => `| ${l.concurrency} | ${l.server} | ${ENGINE_COLUMNS.map(([, get, digits]) => fmt(get(l.engine!), digits)).join(' | ')} |`),
+    '',
+  ];
+}
+
+/** Issue 8's targets, where this run measured them: captions/s at c=32 >= 5x theirs, TTFT p50 at c=1 < 150 ms, TPOT p50 c=32 < 2x c=1. */
+function issue8Targets(levels: LevelRecord[], ours: string[], theirs: string | undefined): string[] {
+  const at = (server: string, c: number) => levels.find((l) => l.server === server && l.concurrency === c && l.completed > 0);
+  const out: string[] = [];
+  for (const o of ours) {
+    const c1 = at(o, 1), c32 = at(o, 32), t32 = theirs ? at(theirs, 32) : undefined;
+    const parts: string[] = [];
+    if (c32 && t32) parts.push(`captions/s at c=32 ${ratio(c32.captionsPerS, t32.captionsPerS)} ${theirs}'s (target >= 5x)`);
+    if (c1) parts.push(`TTFT p50 at c=1 ${fmt(c1.ttftMs.p50, 0)} ms (target < 150)`);
+    if (c1 && c32) parts.push(`TPOT p50 c=32 / c=1 ${ratio(c32.tpotMs.p50, c1.tpotMs.p50)} (target < 2x)`);
+    if (parts.length) out.push(`- issue 8 targets, ${o}: ${parts.join('; ')}`);
+  }
+  return out.length ? [...out, ''] : [];
 }
 
 /** A compact table for the end of the console output. */

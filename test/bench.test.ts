@@ -62,6 +62,11 @@ async function fakeServer(o: FakeOptions = {}) {
     req.on('data', (d) => (raw += d));
     req.on('end', async () => {
       if (req.url === '/health') return res.end('ok');
+      if (req.method !== 'POST') {
+        // No /metrics here (as llama-server without --metrics): the bench reports no breakdown.
+        res.writeHead(404);
+        return res.end();
+      }
       const body = JSON.parse(raw);
       bodies.push(body);
       if (o.status && o.status !== 200) {

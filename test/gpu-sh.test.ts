@@ -57,6 +57,23 @@ t.test('gpu.sh --dry-run end to end (tiny model, CPU)', {
     t.ok(servers.has('caprl') && servers.has('caprl-vision'), `caprl with both vision encoders benchmarked (${[...servers].join(', ')})`);
     t.match(res.stdout, /KV cache: \d+ tokens, .* sized by --gpu-memory-utilization 0\.9/, 'the KV sizing step printed its choice');
     t.match(res.stdout, /\| mode \| logits \| llama\.cpp chain ms\/token \| direct ms\/token/, 'the sampler benchmark ran');
+    t.match(res.stdout, /\| JPEG \| grid \| decode only \| sharp resize \| prepareImage/, 'the image prep benchmark ran');
+    // Each caprl level carries what its /metrics said over the level; llama-server's none.
+    const full = JSON.parse(readFileSync(path.join(out, 'bench-tiny-f16.json'), 'utf8')) as {
+      levels: { server: string; completed: number; engine?: { requests: number; steps: number; prefillMs: number; seqsPerStep: number; imageEncodeMs: number } }[];
+    };
+    for (const l of full.levels) {
+      if (l.server.startsWith('caprl')) {
+        t.equal(l.engine?.requests, l.completed, `${l.server}: /metrics counted the level's requests`);
+        t.ok(l.engine!.steps >= 8 && l.engine!.seqsPerStep > 0 && l.engine!.prefillMs > 0 && l.engine!.imageEncodeMs > 0,
+          `${l.server}: steps ${l.engine!.steps}, ${l.engine!.seqsPerStep} seqs/step, prefill ${l.engine!.prefillMs} ms, encode ${l.engine!.imageEncodeMs} ms`);
+      } else {
+        t.equal(l.engine, undefined, `${l.server}: no caprl metrics`);
+      }
+    }
+    const md = readFileSync(path.join(out, 'bench-tiny-f16.md'), 'utf8');
+    t.match(md, /Where the time went/, 'the report has the per-level breakdown');
+    t.match(md, /issue 8 targets, caprl-vision: .*TTFT p50 at c=1 \d+ ms/, 'and the issue 8 targets it measured');
   }
   t.match(readFileSync(path.join(out, 'gpu.log'), 'utf8'), /\[gpu\.sh \d\d:\d\d:\d\d \+\s*\d+s\] == bench/, 'timestamped phases');
 });
