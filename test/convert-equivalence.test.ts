@@ -7,10 +7,11 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { convertHfFolder } from '../src/convert/convert.js';
-import { Engine, type SamplingParams } from '../src/engine/engine.js';
+import { Engine } from '../src/engine/engine.js';
 import { readGGUF, readTensorBytes, readTensorF32 } from '../src/model/gguf-reader.js';
 import { GGMLType } from '../src/model/gguf.js';
 import { quantizeQ8_0, Q8_0_BLOCK_BYTES } from '../src/model/encodings.js';
+import { greedy } from './helpers/engine-inputs.js';
 import { tinyModel } from './helpers/models.js';
 import { writeTinyHfFolder } from './helpers/hf-folders.js';
 
@@ -29,10 +30,6 @@ async function sameFiles(t: Test, generated: string, converted: string): Promise
   t.same(keys(b).filter((k) => json(a.metadata.get(k)) !== json(b.metadata.get(k))), [], 'same metadata values (tokenizer, chat template, hparams)');
 }
 
-const greedy = (maxTokens: number): SamplingParams => ({
-  temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-  seed: 0, maxTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1,
-});
 
 /** Greedy tokens for an image + prompt through the real engine; the prompt from the model's own chat template. */
 async function caption(model: string, mmproj: string): Promise<{ prompt: string; tokens: number[]; text: string }> {

@@ -2,15 +2,13 @@
 // queue, prefill, decode and image-encode times, and Engine.stats() counts tokens per step. Every
 // assertion holds by construction (order of events, one clock), none depends on speed.
 import t from 'tap';
-import { Engine, type EngineEvent, type EngineImage, type SamplingParams } from '../src/engine/engine.js';
+import { Engine, type EngineEvent, type EngineImage } from '../src/engine/engine.js';
+import { greedy } from './helpers/engine-inputs.js';
 import { tinyModel } from './helpers/models.js';
 
 type Finish = NonNullable<EngineEvent['finish']>;
 
-const sampling = (maxTokens: number): SamplingParams => ({
-  temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-  seed: -1, maxTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1,
-});
+const sampling = greedy;
 
 const prompt = (text: string, withImage = false, marker = '') =>
   `<|im_start|>user\n${withImage ? marker : ''}${text}<|im_end|>\n<|im_start|>assistant\n`;

@@ -3,15 +3,10 @@
 import t from 'tap';
 import { getEventListeners } from 'node:events';
 import { Engine, type EngineEvent, type SamplingParams } from '../src/engine/engine.js';
+import { greedy as greedyFor } from './helpers/engine-inputs.js';
 import { tinyModel } from './helpers/models.js';
 
-const greedy = (over: Partial<SamplingParams> = {}): SamplingParams => ({
-  temperature: 0, topP: 1, topK: 0, minP: 0,
-  repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-  seed: -1, maxTokens: 24, minTokens: 0, ignoreEos: true,
-  stop: [], stopTokenIds: [], logprobs: -1,
-  ...over,
-});
+const greedy = (over: Partial<SamplingParams> = {}): SamplingParams => greedyFor(24, over);
 
 interface Result {
   tokens: number[];

@@ -5,6 +5,7 @@ import t from 'tap';
 import { Engine } from '../src/engine/engine.js';
 import type { EngineOptions } from '../src/engine/native-types.js';
 import { describeKvCache, kvCacheOnGpu, kvCacheSizing } from '../src/entrypoints/openai/kv-cache-sizing.js';
+import { greedy } from './helpers/engine-inputs.js';
 import { tinyModel } from './helpers/models.js';
 
 // The tiny model's KV cache: 2 layers x (K + V) x 2 KV heads x 32 dims x 2 bytes (f16).
@@ -22,8 +23,7 @@ async function serves(engine: Engine): Promise<number> {
   let n = 0;
   const gen = engine.generate({
     prompt: '<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n', images: [], n: 1,
-    sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-      seed: -1, maxTokens: 8, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1 },
+    sampling: greedy(8),
   });
   for await (const ev of gen) n += ev.tokens.length;
   return n;

@@ -8,6 +8,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { Engine, type SamplingParams } from '../src/engine/engine.js';
 import { llamaBinDir } from '../src/engine/native.js';
+import { greedy } from './helpers/engine-inputs.js';
 import { tinyModel } from './helpers/models.js';
 
 const run = promisify(execFile);
@@ -25,10 +26,7 @@ t.test('direct sampling vs llama.cpp chain vs the filters\' definition', async (
   t.match(stdout, /\b0 failed\n/);
 });
 
-const sampling = (over: Partial<SamplingParams>): SamplingParams => ({
-  temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
-  seed: -1, maxTokens: 12, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], logprobs: -1, ...over,
-});
+const sampling = (over: Partial<SamplingParams>): SamplingParams => greedy(12, over);
 
 /**
  * Tokens of every choice, one request of 6 choices at a time: its choices are decoded and drawn
