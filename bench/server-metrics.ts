@@ -45,6 +45,10 @@ export interface EngineBreakdown {
   seqsPerStep: number;
   /** Tokens (decode + prompt + image rows) per step. */
   tokensPerStep: number;
+  /** Engine-thread ms per step in the model (llama_decode until the logits are ready), in the draws, and the rest (host work). */
+  modelMsPerStep: number;
+  sampleMsPerStep: number;
+  hostMsPerStep: number;
 }
 
 export function breakdown(before: Scrape, after: Scrape, durationS: number): EngineBreakdown {
@@ -66,5 +70,8 @@ export function breakdown(before: Scrape, after: Scrape, durationS: number): Eng
     stepMs: per(durationS * 1000),
     seqsPerStep: per(d('caprl:engine_step_sequences_total')),
     tokensPerStep: per(d('vllm:iteration_tokens_total_sum')),
+    modelMsPerStep: per(d('caprl:engine_model_seconds_total') * 1000),
+    sampleMsPerStep: per(d('caprl:engine_sample_seconds_total') * 1000),
+    hostMsPerStep: per((d('caprl:engine_busy_seconds_total') - d('caprl:engine_model_seconds_total') - d('caprl:engine_sample_seconds_total')) * 1000),
   };
 }

@@ -358,6 +358,9 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         for (size_t k = 0; k < s.step_tokens.size(); k++) step_tokens.Set((uint32_t) k, (double) s.step_tokens[k]);
         o.Set("stepTokens", step_tokens);
         o.Set("stepTokensSum", (double) s.step_tokens_sum);
+        o.Set("busySeconds", s.busy_seconds);
+        o.Set("modelSeconds", s.model_seconds);
+        o.Set("sampleSeconds", s.sample_seconds);
         return o;
     }
 

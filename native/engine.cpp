@@ -283,6 +283,9 @@ EngineStats Engine::stats() const {
     s.image_cache_misses = vision_ ? vision_->cache_misses() : 0;
     for (size_t k = 0; k < s.step_tokens.size(); k++) s.step_tokens[k] = step_tokens_[k];
     s.step_tokens_sum = step_tokens_sum_;
+    s.busy_seconds = busy_ns_ * 1e-9;
+    s.model_seconds = model_ns_ * 1e-9;
+    s.sample_seconds = sample_ns_ * 1e-9;
     return s;
 }
 
@@ -718,6 +721,9 @@ bool Engine::step() {
         emit(std::move(out_));
         return false;
     }
+    using Clock = std::chrono::steady_clock;
+    const auto ns_since = [](Clock::time_point t) { return (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count(); };
+    const auto step_started = Clock::now();
 
     make_room();
     // Cells unpinned prompts may take this step, after every decoding sequence's next token.
@@ -737,6 +743,7 @@ bool Engine::step() {
         if (!seq.finished && !seq.prefilling()) budget--;
     }
     const int32_t ubatch = (int32_t) llama_n_ubatch(ctx_);
+    const auto images_started = Clock::now();
     for (auto & seq : running_) {
         if (seq.finished || !seq.prefilling() || !seq.parts[seq.part].media) continue;
         const PromptPart & part = seq.parts[seq.part];
@@ -759,6 +766,7 @@ bool Engine::step() {
         budget -= rows;
         if (!seq.pinned) free_cells -= rows;
     }
+    if (step_tokens > 0) model_ns_ += ns_since(images_started);
 
     // One batch: every decoding sequence's next token, then prompt text up to the budget.
     batch_.n_tokens = 0;
@@ -807,6 +815,7 @@ bool Engine::step() {
 
     if (batch_.n_tokens > 0) {
         progress = true;
+        const auto decode_started = Clock::now();
         const int32_t rc = llama_decode(ctx_, batch_);
         if (rc != 0) {
             const std::string why = rc == 1 ? "the KV cache has no room for this batch" : "llama_decode failed (" + std::to_string(rc) + ")";
@@ -819,7 +828,7 @@ bool Engine::step() {
             last_batch_seqs_ = decoding;
             decoded_seqs_total_ += decoding;
             if (decoding > max_batch_seqs_) max_batch_seqs_ = decoding;
-            sample_outputs();
+            sample_outputs(decode_started);
         }
     }
 
@@ -834,10 +843,11 @@ bool Engine::step() {
     }
     release_finished();
     emit(std::move(out_));
+    busy_ns_ += ns_since(step_started);
     return progress;
 }
 
-void Engine::sample_outputs() {
+void Engine::sample_outputs(std::chrono::steady_clock::time_point decode_started) {
     std::list<Sequence> forked;
     std::vector<std::pair<Sequence *, int32_t>> rows;  // (sequence, its row of this step's logits)
     for (auto & seq : running_) {
@@ -865,9 +875,13 @@ void Engine::sample_outputs() {
     // swapping rows on the first read (with a stream per sequence the ubatch orders them by
     // sequence id), and that must not run on several threads at once.
     std::vector<const float *> logits(rows.size());
+    // The first read waits for the step's compute: the model's time ends here.
     for (size_t i = 0; i < rows.size(); i++) logits[i] = llama_get_logits_ith(ctx_, rows[i].second);
+    const auto draws_started = std::chrono::steady_clock::now();
+    model_ns_ += (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(draws_started - decode_started).count();
     std::vector<Draw> draws(rows.size());
     sampling_->run(rows.size(), [&](size_t i) { draws[i] = draw(*rows[i].first, logits[i]); });
+    sample_ns_ += (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - draws_started).count();
     for (size_t i = 0; i < rows.size(); i++) accept(*rows[i].first, std::move(draws[i]));
     running_.splice(running_.end(), forked);
 }

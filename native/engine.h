@@ -95,7 +95,7 @@ class Engine {
     void preempt(Sequence & seq);
     int64_t growth_watermark() const;
     bool may_start_resume(const Sequence & seq, int64_t free_cells) const;
-    void sample_outputs();
+    void sample_outputs(std::chrono::steady_clock::time_point decode_started);
     struct Draw {
         llama_token token = -1;
         bool suppress_eog = false;
@@ -162,6 +162,7 @@ class Engine {
     std::atomic<uint64_t> preemptions_{0};
     std::array<std::atomic<uint64_t>, 32> step_tokens_{};  // EngineStats::step_tokens
     std::atomic<uint64_t> step_tokens_sum_{0};
+    std::atomic<uint64_t> busy_ns_{0}, model_ns_{0}, sample_ns_{0};  // EngineStats::*_seconds
 };
 
 }  // namespace caprl

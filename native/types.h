@@ -127,6 +127,12 @@ struct EngineStats {
     // the steps with 2^(k-1) < tokens <= 2^k (k = 0: one token), so any power-of-two buckets are exact.
     std::array<uint64_t, 32> step_tokens{};
     uint64_t step_tokens_sum = 0;
+    // Engine-thread time in steps that had sequences running, and the parts of it spent in the
+    // model (llama_decode of image rows and of the batch, until its logits are ready) and in the
+    // draws; the rest is host work (scheduling, batch building, events).
+    double busy_seconds = 0;
+    double model_seconds = 0;
+    double sample_seconds = 0;
 };
 
 }  // namespace caprl

@@ -62,6 +62,9 @@ t.test('metrics on the tiny model', async (t) => {
       ['caprl:request_preprocessing_seconds', 'histogram'],
       ['caprl:engine_steps_total', 'counter'],
       ['caprl:engine_step_sequences_total', 'counter'],
+      ['caprl:engine_busy_seconds_total', 'counter'],
+      ['caprl:engine_model_seconds_total', 'counter'],
+      ['caprl:engine_sample_seconds_total', 'counter'],
       ['caprl:image_cache_hits_total', 'counter'],
       ['caprl:image_cache_misses_total', 'counter'],
       ['caprl:requests_rejected_total', 'counter'],
@@ -125,6 +128,7 @@ t.test('metrics on the tiny model', async (t) => {
 
     const m = await scrape(s.url);
     const d = (name: string, labels: Record<string, string> = L) => m.value(name, labels) - base.value(name, labels);
+    const e2eSum = () => d('vllm:e2e_request_latency_seconds_sum');
     t.equal(d('vllm:request_success_total', { ...L, finished_reason: 'length' }), N + 1);
     t.equal(d('vllm:request_success_total', { ...L, finished_reason: 'abort' }), 0);
     t.equal(d('vllm:prompt_tokens_total'), prompt, 'prompt tokens = sum of usage.prompt_tokens');
@@ -143,6 +147,9 @@ t.test('metrics on the tiny model', async (t) => {
     t.equal(d('caprl:request_preprocessing_seconds_count'), N + 1);
     t.ok(d('caprl:engine_steps_total') >= MAX, 'engine steps advanced');
     t.ok(d('caprl:engine_step_sequences_total') >= completion - (N + 1), 'decoded sequences advanced');
+    const [busy, model, sample] = ['busy', 'model', 'sample'].map((k) => d(`caprl:engine_${k}_seconds_total`));
+    t.ok(model > 0 && sample > 0 && model + sample <= busy && busy < e2eSum(),
+      `engine time: model ${model.toFixed(4)} s + sample ${sample.toFixed(4)} s <= busy ${busy.toFixed(4)} s < the requests' e2e sum`);
     const ttft = d('vllm:time_to_first_token_seconds_sum');
     const e2e = d('vllm:e2e_request_latency_seconds_sum');
     t.ok(ttft > 0 && ttft < e2e, `0 < TTFT sum (${ttft}) < e2e sum (${e2e})`);

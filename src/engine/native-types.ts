@@ -166,6 +166,14 @@ export interface EngineStats {
   stepTokens: number[];
   /** Sum of the tokens over those steps. */
   stepTokensSum: number;
+  /**
+   * Engine-thread seconds in steps with sequences running (busy), the part in the model
+   * (llama_decode of image rows and the batch, until its logits are ready) and the part in the
+   * draws; busy - model - sample is host work (scheduling, batch building, events).
+   */
+  busySeconds: number;
+  modelSeconds: number;
+  sampleSeconds: number;
 }
 
 export interface EngineInfo {
