@@ -37,13 +37,16 @@ t.test('caprl encoder equals llama.cpp clip', async (t) => {
     t.ok(err < BOUND, `${w}x${h}: relative error vs clip ${err.toExponential(2)} < ${BOUND}`);
   }
 
-  // All sizes in one pass, twice over in a shuffled order: each image's rows as when alone.
+  // All sizes in one pass, twice over in a shuffled order: each image's rows exactly as when alone
+  // (on the CPU every window, image and matrix row is computed the same way in any batch, so
+  // batching images cannot change a caption; a GPU's GEMMs may pick other kernels per batch size,
+  // where the bench's --max-error bounds the drift).
   const order = [3, 0, 4, 1, 2, 2, 0, 3, 1, 4];
   const batched = ours.encode(order.map((k) => images[k]));
   t.equal(batched.embeddings.length, order.length);
   order.forEach((k, j) => {
     const err = relError(batched.embeddings[j], single[k]);
-    t.ok(err < BOUND, `batch entry ${j} (${sizes[k].join('x')}): relative error vs alone ${err.toExponential(2)}`);
+    t.equal(err, 0, `batch entry ${j} (${sizes[k].join('x')}): relative error vs alone ${err.toExponential(2)}`);
   });
 });
 
