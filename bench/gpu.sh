@@ -294,6 +294,9 @@ fi
     echo "-- $(basename "$f" .out)"
     sed -n '/^c  *server/,$p' "$f"
   done
+  for f in "$OUT"/bench-*.md; do
+    [ -f "$f" ] && grep -h '^- issue 8 targets' "$f"
+  done
   ls "$OUT"
 } | tee -a "$OUT/gpu.log"
 exit $rc

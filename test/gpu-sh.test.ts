@@ -74,6 +74,7 @@ t.test('gpu.sh --dry-run end to end (tiny model, CPU)', {
     const md = readFileSync(path.join(out, 'bench-tiny-f16.md'), 'utf8');
     t.match(md, /Where the time went/, 'the report has the per-level breakdown');
     t.match(md, /issue 8 targets, caprl-vision: .*TTFT p50 at c=1 \d+ ms/, 'and the issue 8 targets it measured');
+    t.match(res.stdout, /================ summary[\s\S]*- issue 8 targets, caprl-vision/, 'which the summary repeats');
   }
   t.match(readFileSync(path.join(out, 'gpu.log'), 'utf8'), /\[gpu\.sh \d\d:\d\d:\d\d \+\s*\d+s\] == bench/, 'timestamped phases');
 });
