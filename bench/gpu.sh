@@ -18,7 +18,7 @@
 #
 # Environment: OUT (results; default $WORK/out), WORK (scratch; default /tmp/caprl-gpu, or
 # /tmp/caprl-gpu-dry), BUDGET (seconds for the whole script, default 570), JOBS (default nproc),
-# CAPRL_CUDA_ARCHS (default 90a), BENCH_CONCURRENCY (1,8,32,64), BENCH_REQUESTS (4,16,32,64),
+# CAPRL_CUDA_ARCHS (default 90a), BENCH_CONCURRENCY (1,32,8,64), BENCH_REQUESTS (4,32,16,64),
 # BENCH_TOKENS (256), BENCH_SIZES (1024x1024), BENCH_DTYPES (f16; e.g. f16,q8_0),
 # LLAMA_SERVER (a llama-server binary to use instead of build/bin/llama-server), SKIP_GPU_CHECK=1,
 # BENCH_CAPRL_VISION=0 (benchmark caprl with llama.cpp's vision encoder only), AFTER_BENCH (120).
@@ -51,8 +51,9 @@ if [ "$DRY" = 1 ]; then
 else
   WORK=${WORK:-/tmp/caprl-gpu}
   PRESET=caprl-3b
-  CONC=${BENCH_CONCURRENCY:-1,8,32,64}
-  REQS=${BENCH_REQUESTS:-4,16,32,64}
+  # Issue 8's levels (1 and 32) first, so that a run cut short by its deadline still has them.
+  CONC=${BENCH_CONCURRENCY:-1,32,8,64}
+  REQS=${BENCH_REQUESTS:-4,32,16,64}
   TOKENS=${BENCH_TOKENS:-256}
   SIZES=${BENCH_SIZES:-1024x1024}
   DTYPES=${BENCH_DTYPES:-f16}
