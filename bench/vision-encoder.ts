@@ -11,7 +11,7 @@
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { loadAddon } from '../src/engine/native.js';
-import type { EngineImage, NativeVisionEncoder, VisionEncoderKind } from '../src/engine/native-types.js';
+import type { EngineImage, NativeVisionEncoder, VisionEncodeResult, VisionEncoderKind } from '../src/engine/native-types.js';
 import { parseSizes, syntheticRgb } from './images.js';
 import { percentile, relError } from './stats.js';
 
@@ -24,13 +24,20 @@ interface VisionBenchRow {
   speedup: number;
   /** Worst relative error of ours vs clip over the batch's images. */
   relError: number;
+  /** Ours, ms per image by phase (of the median call). */
+  oursPhasesPerImage?: Phases;
 }
 
-function time(enc: NativeVisionEncoder, images: EngineImage[], repeat: number): { ms: number; embeddings: Float32Array[]; nEmbd: number } {
+type Phases = NonNullable<VisionEncodeResult['phases']>;
+
+function time(enc: NativeVisionEncoder, images: EngineImage[], repeat: number): { ms: number; embeddings: Float32Array[]; nEmbd: number; phases?: Phases } {
   const first = enc.encode(images);  // warm-up: allocates this shape's graph
-  const ms: number[] = [];
-  for (let r = 0; r < repeat; r++) ms.push(enc.encode(images).ms);
-  return { ms: percentile(ms, 50), embeddings: first.embeddings, nEmbd: first.nEmbd };
+  const runs: VisionEncodeResult[] = [];
+  for (let r = 0; r < repeat; r++) runs.push(enc.encode(images));
+  const ms = percentile(runs.map((x) => x.ms), 50);
+  // The phases of the median call.
+  const median = runs.reduce((a, b) => (Math.abs(b.ms - ms) < Math.abs(a.ms - ms) ? b : a));
+  return { ms, embeddings: first.embeddings, nEmbd: first.nEmbd, phases: median.phases };
 }
 
 function runVisionBench(opts: {
@@ -52,13 +59,25 @@ function runVisionBench(opts: {
       const c = time(clip, images, opts.repeat);
       const o = time(ours, images, opts.repeat);
       const err = Math.max(...o.embeddings.map((e, i) => relError(e, c.embeddings[i])));
+      const perImage = o.phases && (Object.fromEntries(Object.entries(o.phases).map(([k, v]) => [k, v / batch])) as Phases);
       const row: VisionBenchRow = {
         size: `${width}x${height}`, batch, tokens: c.embeddings[0].length / c.nEmbd,
-        clipMsPerImage: c.ms / batch, oursMsPerImage: o.ms / batch, speedup: c.ms / o.ms, relError: err,
+        clipMsPerImage: c.ms / batch, oursMsPerImage: o.ms / batch, speedup: c.ms / o.ms, relError: err, oursPhasesPerImage: perImage,
       };
       rows.push(row);
       log(`| ${row.size} | ${batch} | ${row.tokens} | ${row.clipMsPerImage.toFixed(1)} | ${row.oursMsPerImage.toFixed(1)} | ` +
         `${row.speedup.toFixed(2)}x | ${err.toExponential(2)} |`);
+    }
+  }
+  const withPhases = rows.filter((r) => r.oursPhasesPerImage);
+  if (withPhases.length) {
+    log('');
+    log('ours, ms per image by phase: prep (pixels to patches, CPU), build (graph + allocation), upload, compute, download');
+    log('| size | batch | prep | build | upload | compute | download |');
+    log('| --- | ---: | ---: | ---: | ---: | ---: | ---: |');
+    for (const r of withPhases) {
+      const p = r.oursPhasesPerImage!;
+      log(`| ${r.size} | ${r.batch} | ${[p.prepMs, p.buildMs, p.uploadMs, p.computeMs, p.downloadMs].map((x) => x.toFixed(2)).join(' | ')} |`);
     }
   }
   return rows;

@@ -137,6 +137,16 @@ class VisionEncoderWrap : public Napi::ObjectWrap<VisionEncoderWrap> {
         r.Set("nEmbd", ours_ ? ours_->n_embd_out() : n_embd_);
         r.Set("ms", ms);
         r.Set("backend", ours_ ? ours_->backend_name() : std::string("clip"));
+        if (ours_) {
+            const QwenVisionEncoder::Timings tm = ours_->last_timings();
+            Napi::Object phases = Napi::Object::New(env);
+            phases.Set("prepMs", tm.prep);
+            phases.Set("buildMs", tm.build);
+            phases.Set("uploadMs", tm.upload);
+            phases.Set("computeMs", tm.compute);
+            phases.Set("downloadMs", tm.download);
+            r.Set("phases", phases);
+        }
         return r;
     }
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <fstream>
 #include <stdexcept>
@@ -83,6 +84,7 @@ struct QwenVisionEncoder::Impl {
     ggml_tensor *mm0_w = nullptr, *mm0_b = nullptr, *mm2_w = nullptr, *mm2_b = nullptr;
     std::vector<Layer> layers;
     int64_t max_patches = kMaxImagePatches;
+    Timings timings;  // of the last encode()
 
     // The graph of one batch and its inputs; owns its context.
     struct Graph {
@@ -444,7 +446,15 @@ void QwenVisionEncoder::Impl::reserve_sizes(size_t sizes[2]) {
 }
 
 void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & images, std::vector<std::vector<float>> & out) {
+    using Clock = std::chrono::steady_clock;
+    auto mark = Clock::now();
+    const auto lap = [&mark](double & into) {
+        const auto now = Clock::now();
+        into += std::chrono::duration<double, std::milli>(now - mark).count();
+        mark = now;
+    };
     const BatchLayout lay = layout(images);
+    lap(timings.prep);
     const int64_t N = lay.n_tokens, S = window_slots();
     const auto g = build(lay);
     ggml_tensor *patches = g->patches, *positions = g->positions, *gather = g->gather, *scatter = g->scatter, *mask = g->mask, *x = g->out;
@@ -452,6 +462,7 @@ void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & im
 
     ggml_backend_sched_reset(sched);
     if (!ggml_backend_sched_alloc_graph(sched, g->gf)) throw std::runtime_error("cannot allocate the vision graph");
+    lap(timings.build);
     ggml_backend_tensor_set(patches, lay.patches.data(), 0, ggml_nbytes(patches));
     std::vector<int32_t> pos;
     pos.reserve(4 * N);
@@ -469,7 +480,9 @@ void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & im
         }
         ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
     }
+    lap(timings.upload);
     if (ggml_backend_sched_graph_compute(sched, g->gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("the vision graph failed");
+    lap(timings.compute);
 
     std::vector<float> all((size_t) n_out * (N / 4));
     ggml_backend_tensor_get(x, all.data(), 0, ggml_nbytes(x));
@@ -481,6 +494,7 @@ void QwenVisionEncoder::Impl::encode_graph(const std::vector<const Image *> & im
         for (size_t r = 0; r < rows.size(); r++) std::copy_n(base + (size_t) rows[r] * n_out, n_out, e.data() + r * n_out);
         out.push_back(std::move(e));
     }
+    lap(timings.download);
 }
 
 QwenVisionEncoder::QwenVisionEncoder(const std::string & mmproj, bool use_gpu, int n_threads) : impl_(std::make_unique<Impl>()) {
@@ -536,6 +550,7 @@ int64_t QwenVisionEncoder::n_patches(const Image & img) {
 
 std::vector<std::vector<float>> QwenVisionEncoder::encode(const std::vector<const Image *> & images) {
     const Impl & m = *impl_;
+    impl_->timings = {};
     std::vector<std::vector<float>> out;
     std::vector<const Image *> part;
     int64_t patches = 0, slots = 0;
@@ -560,6 +575,8 @@ std::vector<std::vector<float>> QwenVisionEncoder::encode(const std::vector<cons
 }
 
 int64_t QwenVisionEncoder::max_patches() const { return impl_->max_patches; }
+
+QwenVisionEncoder::Timings QwenVisionEncoder::last_timings() const { return impl_->timings; }
 
 void QwenVisionEncoder::reserve() {
     Impl & m = *impl_;

@@ -33,6 +33,14 @@ class QwenVisionEncoder {
     // out[i] is image i's [n_patches_i / 4, n_embd_out] row-major.
     std::vector<std::vector<float>> encode(const std::vector<const Image *> & images);
 
+    // Where the last encode()'s time went, summed over its graphs, ms: pixels to patches (CPU),
+    // building and allocating the graph, copying its inputs to the device, the compute, and
+    // reading the embeddings back (and putting them in clip's row order).
+    struct Timings {
+        double prep = 0, build = 0, upload = 0, compute = 0, download = 0;
+    };
+    Timings last_timings() const;
+
     // Patches one graph holds: what reserve() sizes the compute buffers for, and the vision
     // worker's per-pass budget. One largest image (16384 patches) on the CPU or where two would
     // take more than a tenth of the GPU's memory; two on a larger GPU.

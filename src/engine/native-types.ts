@@ -317,6 +317,11 @@ export interface VisionEncodeResult {
   ms: number;
   /** Our encoder's ggml backend ('CPU', 'CUDA0'), or 'clip'. */
   backend: string;
+  /**
+   * Ours: where the call's time went, summed over its graphs: pixels to patches (CPU), graph build
+   * and allocation, inputs copied to the device, compute, embeddings read back in clip's order.
+   */
+  phases?: { prepMs: number; buildMs: number; uploadMs: number; computeMs: number; downloadMs: number };
 }
 
 export interface NativeVisionEncoder {
