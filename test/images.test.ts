@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import { loadAddon } from '../src/engine/native.js';
 import { decodeImageDataUri, sniffImageFormat } from '../src/images/decode-data-uri.js';
 import { ImageInputError } from '../src/images/errors.js';
+import { DecodeBudget } from '../src/images/decode-budget.js';
 import { prepareImage, prepareImageFromDataUri } from '../src/images/prepare.js';
 import { lcgImage, PILLOW_CASES } from './helpers/pillow-cases.js';
 
@@ -89,6 +90,42 @@ t.test('images are resized as PIL resizes them (Image.BICUBIC), bit for bit', as
   }
   t.throws(() => resizeRgb(Buffer.alloc(10), 2, 2, 4, 4), /width \* height \* 3/, 'a short buffer is refused');
   t.throws(() => resizeRgb(Buffer.alloc(12), 2, 2, 0, 4), /outWidth must be an integer/, 'a zero side is refused');
+});
+
+t.test('decoded pixels held at once stay under the decode budget', async (t) => {
+  // The budget itself: in arrival order, an oversized request alone, releases wake the next.
+  const b = new DecodeBudget(100);
+  const order: string[] = [];
+  const r1 = await b.acquire(60);
+  const p2 = b.acquire(60).then((rel) => { order.push('second'); return rel; });
+  const p3 = b.acquire(10).then((rel) => { order.push('third'); return rel; });  // fits, but waits its turn
+  await new Promise((r) => setImmediate(r));
+  t.same(order, [], 'nothing starts past the limit, nor ahead of an earlier waiter');
+  r1();
+  r1();  // a second release is ignored
+  const [r2, r3] = await Promise.all([p2, p3]);
+  t.same(order, ['second', 'third'], 'arrival order');
+  const p4 = b.acquire(500).then((rel) => { order.push('big'); return rel; });
+  await new Promise((r) => setImmediate(r));
+  t.notOk(order.includes('big'), 'an image above the limit waits until it is alone');
+  r2();
+  r3();
+  (await p4)();
+  t.same(order, ['second', 'third', 'big']);
+  t.equal(b.peakBytes, 500, 'peak: the oversized one, alone');
+
+  // Through prepareImage: six 1000x1000 images at once (3 MB decoded each) under a 7 MB budget.
+  const budget = new DecodeBudget(7e6);
+  const png = await sharp(lcgImage(1000, 1000), { raw: { width: 1000, height: 1000, channels: 3 } }).png().toBuffer();
+  const imgs = await Promise.all(Array.from({ length: 6 }, () => prepareImage(png, { decodeBudget: budget })));
+  t.ok(imgs.every((i) => i.width === 1008 && i.height === 1008), 'all six prepared');
+  t.ok(budget.peakBytes <= 7e6 && budget.peakBytes >= 6e6, `at most two decoded at once (peak ${budget.peakBytes} bytes)`);
+  // A decode that fails after its size was read (truncated PNG) gives its share back: with room
+  // for one image only, the next one would otherwise wait for ever.
+  const one = new DecodeBudget(3e6);
+  await t.rejects(prepareImage(png.subarray(0, png.length >> 1), { decodeBudget: one }), { code: 'image_decode_failed' });
+  const again = await prepareImage(png, { decodeBudget: one });
+  t.equal(again.width, 1008, 'a failed decode gives its share back');
 });
 
 t.test('EXIF orientation is applied', async (t) => {

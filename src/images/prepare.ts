@@ -10,6 +10,7 @@
 // few pixels to reach the 28-px grid; and PIL's rounding is what HF's slow processor gives.
 import sharp, { type Metadata, type OutputInfo, type SharpOptions } from 'sharp';
 import { loadAddon } from '../engine/native.js';
+import { DecodeBudget, SHARED_DECODE_BUDGET } from './decode-budget.js';
 import { decodeImageDataUri } from './decode-data-uri.js';
 import { ImageInputError } from './errors.js';
 import { HF_MAX_PIXELS, HF_MIN_PIXELS, ImageSizeError, smartResize, type ResizeLimits } from './qwen-resize.js';
@@ -27,6 +28,8 @@ export interface PreparedImage {
 export interface PrepareOptions extends Partial<ResizeLimits> {
   /** Refuse decoding images with more pixels than this (sharp's limitInputPixels). */
   maxInputPixels?: number;
+  /** Bounds the decoded pixels held at once across calls (default: the process's shared 1 GiB). */
+  decodeBudget?: DecodeBudget;
 }
 
 // PIL's decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS, where it raises rather than warns),
@@ -77,6 +80,18 @@ export async function prepareImage(bytes: Buffer, opts: PrepareOptions = {}): Pr
     if (err instanceof ImageSizeError) throw new ImageInputError('invalid_image_size', err.message);
     throw err;
   }
+  const release = await (opts.decodeBudget ?? SHARED_DECODE_BUDGET).acquire(originalWidth * originalHeight * 3);
+  try {
+    return await decodeAndResize(bytes, sharpOpts, maxInputPixels, originalWidth, originalHeight, target);
+  } finally {
+    release();
+  }
+}
+
+async function decodeAndResize(
+  bytes: Buffer, sharpOpts: SharpOptions, maxInputPixels: number, originalWidth: number, originalHeight: number,
+  target: { width: number; height: number },
+): Promise<PreparedImage> {
   let out: { data: Buffer; info: OutputInfo };
   try {
     out = await sharp(bytes, sharpOpts)
