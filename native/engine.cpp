@@ -619,7 +619,7 @@ void Engine::preempt(Sequence & seq) {
     for (auto & part : seq.parts) {
         if (part.vision_key) vision_->drop(part.vision_key);
         part.vision_key = 0;
-        std::vector<float>().swap(part.embd);
+        part.embd.reset();
         part.rows_done = 0;
     }
     // Later: prefill the prompt and every generated token again; its last logits continue the output.
@@ -670,7 +670,7 @@ int32_t Engine::prefill_image(Sequence & seq, int32_t max_rows) {
     if (part.rows_done == n) {
         // M-RoPE: the text after an image continues at its start + max(rows, cols), not + cells.
         seq.n_past += mtmd_input_chunk_get_n_pos(part.media);
-        std::vector<float>().swap(part.embd);
+        part.embd.reset();
         seq.part++;
         seq.part_off = 0;
     }
@@ -701,7 +701,7 @@ int32_t Engine::decode_image_rows(const Sequence & seq, const PromptPart & part,
     std::vector<int8_t> logits(n, 0);
     llama_batch batch{};
     batch.n_tokens = n;
-    batch.embd = const_cast<float *>(part.embd.data()) + (size_t) first * n_embd;
+    batch.embd = const_cast<float *>(part.embd->data()) + (size_t) first * n_embd;
     batch.pos = pos.data();
     batch.n_seq_id = n_seq_id.data();
     batch.seq_id = seq_ids.data();

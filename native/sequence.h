@@ -19,7 +19,7 @@ struct PromptPart {
     std::vector<llama_token> tokens;
     const mtmd_input_chunk * media = nullptr;
     uint64_t vision_key = 0;  // the VisionWorker job encoding `media`, 0 = none pending
-    std::vector<float> embd;  // its embeddings once encoded, decoded over one or more steps
+    Embeddings embd;          // its embeddings once encoded, decoded over one or more steps
     int32_t rows_done = 0;    // embedding rows already in the KV cache
     int32_t n_cells() const;
 };

@@ -38,6 +38,10 @@ struct Image {
 // vision worker), so that none copies them.
 using ImagePtr = std::shared_ptr<const Image>;
 
+// An image's embeddings ([rows][n_embd] f32), shared read-only by the image-embedding cache and
+// the sequences decoding them, so that neither copies them (11 MB for a 1036x1036 image).
+using Embeddings = std::shared_ptr<const std::vector<float>>;
+
 struct Request {
     int64_t id = 0;
     int32_t n = 1;  // choices sampled from one shared prefill

@@ -31,7 +31,7 @@ void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chu
     jobs_.submit(std::move(one));
 }
 
-bool VisionWorker::cache_get(const std::string & id, std::vector<float> & out) {
+bool VisionWorker::cache_get(const std::string & id, Embeddings & out) {
     auto it = cache_.find(id);
     if (it == cache_.end()) return false;
     lru_.splice(lru_.begin(), lru_, it->second);
@@ -39,21 +39,21 @@ bool VisionWorker::cache_get(const std::string & id, std::vector<float> & out) {
     return true;
 }
 
-void VisionWorker::cache_put(const std::string & id, const std::vector<float> & embd) {
-    const size_t bytes = embd.size() * sizeof(float);
+void VisionWorker::cache_put(const std::string & id, const Embeddings & embd) {
+    const size_t bytes = embd->size() * sizeof(float);
     if (bytes > cache_limit_ || cache_.count(id)) return;
     lru_.emplace_front(id, embd);
     cache_[id] = lru_.begin();
     cache_bytes_ += bytes;
     while (cache_bytes_ > cache_limit_) {
         auto & last = lru_.back();
-        cache_bytes_ -= last.second.size() * sizeof(float);
+        cache_bytes_ -= last.second->size() * sizeof(float);
         cache_.erase(last.first);
         lru_.pop_back();
     }
 }
 
-bool VisionWorker::take(uint64_t key, std::vector<float> & embd, bool & ok, double & seconds) {
+bool VisionWorker::take(uint64_t key, Embeddings & embd, bool & ok, double & seconds) {
     Result r;
     if (!jobs_.take(key, r)) return false;
     ok = r.ok;
@@ -90,7 +90,7 @@ std::vector<VisionWorker::Result> VisionWorker::encode(std::vector<Job> & jobs) 
         r.ok = mtmd_encode_chunk(mtmd_, jobs[0].chunk) == 0;
         if (r.ok) {
             const float * out = mtmd_get_output_embd(mtmd_);
-            r.embd.assign(out, out + (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[0].chunk));
+            r.embd = std::make_shared<const std::vector<float>>(out, out + (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[0].chunk));
         }
     } else if (!jobs[0].image) {
         // Not reachable from the engine (each image part gets its image); mtmd holds only a
@@ -105,7 +105,7 @@ std::vector<VisionWorker::Result> VisionWorker::encode(std::vector<Job> & jobs) 
                 // The rows must be the ones mtmd planned for the chunk (same canvas rule), or the
                 // prompt's positions would not match.
                 results[i].ok = embd[i].size() == (size_t) n_embd_ * mtmd_input_chunk_get_n_tokens(jobs[i].chunk);
-                if (results[i].ok) results[i].embd = std::move(embd[i]);
+                if (results[i].ok) results[i].embd = std::make_shared<const std::vector<float>>(std::move(embd[i]));
             }
         } catch (const std::exception & e) {
             fprintf(stderr, "caprl vision encoder: %s\n", e.what());

@@ -35,9 +35,9 @@ class VisionWorker {
     // Queues one image chunk; `owner` keeps it alive while queued or being encoded. `image` is the
     // chunk's RGB image (shared, not copied: our encoder preprocesses it itself; mtmd ignores it).
     void submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, ImagePtr image = nullptr);
-    // If the chunk is encoded, moves its embeddings out (empty on failure) and returns true;
+    // If the chunk is encoded, hands its embeddings over (null on failure) and returns true;
     // seconds: time this worker spent encoding it (0 for a cache hit).
-    bool take(uint64_t key, std::vector<float> & embd, bool & ok, double & seconds);
+    bool take(uint64_t key, Embeddings & embd, bool & ok, double & seconds);
     // Forgets a chunk whose request ended; its result, if any, is discarded.
     void drop(uint64_t key);
 
@@ -53,7 +53,7 @@ class VisionWorker {
     };
     struct Result {
         bool ok = false;
-        std::vector<float> embd;
+        Embeddings embd;
         double seconds = 0;
     };
     // How many queued jobs the next pass takes: mtmd one; our encoder every queued image that
@@ -62,8 +62,8 @@ class VisionWorker {
     // Encodes a pass of jobs with encoder_ (all of them in one pass) or mtmd (a batch of one).
     std::vector<Result> encode(std::vector<Job> & jobs);
     // LRU cache of embeddings by chunk id, guarded by cache_mu_.
-    bool cache_get(const std::string & id, std::vector<float> & out);
-    void cache_put(const std::string & id, const std::vector<float> & embd);
+    bool cache_get(const std::string & id, Embeddings & out);
+    void cache_put(const std::string & id, const Embeddings & embd);
 
     mtmd_context * mtmd_;
     QwenVisionEncoder * encoder_;
@@ -71,7 +71,7 @@ class VisionWorker {
     std::mutex cache_mu_;
     size_t cache_limit_;
     size_t cache_bytes_ = 0;
-    std::list<std::pair<std::string, std::vector<float>>> lru_;  // most recent first
+    std::list<std::pair<std::string, Embeddings>> lru_;  // most recent first
     std::unordered_map<std::string, decltype(lru_)::iterator> cache_;
     std::atomic<uint64_t> hits_{0};
     std::atomic<uint64_t> misses_{0};
