@@ -185,6 +185,25 @@ t.test('report: each caprl variant gets a ratio row against llama-server', async
   t.notMatch(md, /caprl \/ caprl-vision/);
 });
 
+t.test('report: the issue 8 targets line', async (t) => {
+  // c=1: TTFT 100 ms, TPOT 100 ms; c=32: TPOT 150 ms, and caprl-vision 5x llama-server's captions/s.
+  const level = (server: string, c: number, speed: number, tpotScale: number) => {
+    const s = summarize(c, [{ ok: true, start: 0, firstToken: 100, lastToken: 100 + 1000 * tpotScale, end: 1100, completionTokens: 11, itl: [100], chunks: 11 }]);
+    return { ...s, captionsPerS: s.captionsPerS * speed, server, order: 0 };
+  };
+  const base = reportOf([]);
+  const md = markdownReport({ ...base, levels: [
+    level('caprl-vision', 1, 1, 1), level('llama-server', 1, 1, 1), level('caprl-vision', 32, 5, 1.5), level('llama-server', 32, 1, 3),
+  ] });
+  t.match(md, /- issue 8 targets, caprl-vision: captions\/s at c=32 5\.00x llama-server's \(target >= 5x\); TTFT p50 at c=1 100 ms \(target < 150\); TPOT p50 c=32 \/ c=1 1\.50x \(target < 2x\)/);
+  t.notMatch(md, /issue 8 targets, llama-server/, 'none for llama-server itself');
+  // Without llama-server every caprl server still gets its own targets, none compared with another.
+  const alone = markdownReport({ ...base, levels: [level('caprl', 1, 1, 1), level('caprl-vision', 1, 1, 1)] });
+  t.match(alone, /- issue 8 targets, caprl: TTFT p50 at c=1 100 ms/);
+  t.match(alone, /- issue 8 targets, caprl-vision: TTFT p50 at c=1 100 ms/);
+  t.notMatch(alone, /captions\/s at c=32/);
+});
+
 t.test('bench --endpoint end to end against the fake server', async (t) => {
   const srv = await fakeServer({ gap: 2 });
   const out = mkdtempSync(path.join(os.tmpdir(), 'caprl-bench-test-'));
