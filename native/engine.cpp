@@ -515,7 +515,7 @@ void Engine::admit() {
         // A bad request at the head has been answered above, even with every slot busy; a good one
         // waits for its slots, and preempted sequences resume before anything new starts.
         if (free_seq_ids_.size() < (size_t) n) break;
-        if (std::any_of(running_.begin(), running_.end(), [](const Sequence & q) { return q.resume_pending; })) break;
+        if (std::any_of(running_.begin(), running_.end(), [](const Sequence & q) { return q.preempted; })) break;
         Sequence seq;
         seq.prompt_cells = prompt_cells;
         // n = 1 needs room for its prompt and a first token; n > 1 reserves the shared prompt plus
@@ -604,8 +604,10 @@ void Engine::make_room() {
 }
 
 bool Engine::may_start_resume(const Sequence & seq, int64_t free_cells) const {
-    // A preempted sequence starts its resume only when all of it fits with room to grow.
-    const bool not_started = seq.resume_pending && seq.part == 0 && seq.part_off == 0 && seq.n_cells == 0;
+    // A preempted sequence starts again only when all of it fits with room to grow, whether or not
+    // it had generated tokens (one preempted in its prompt would otherwise fill the pool again at
+    // once and be preempted again, and again, while the others grow).
+    const bool not_started = seq.preempted && seq.part == 0 && seq.part_off == 0 && seq.n_cells == 0;
     if (!not_started) return true;
     // Alone in the pool it always fits (its length is bounded by max_model_len <= the pool).
     const bool alone = std::none_of(running_.begin(), running_.end(), [&](const Sequence & q) {
@@ -630,6 +632,7 @@ void Engine::preempt(Sequence & seq) {
         seq.parts.push_back(std::move(resume));
     }
     seq.resume_pending = !seq.generated.empty();
+    seq.preempted = true;
     seq.part = 0;
     seq.part_off = 0;
     seq.n_past = 0;
@@ -852,6 +855,7 @@ void Engine::sample_outputs(std::chrono::steady_clock::time_point decode_started
     std::vector<std::pair<Sequence *, int32_t>> rows;  // (sequence, its row of this step's logits)
     for (auto & seq : running_) {
         if (seq.finished || seq.batch_row < 0) continue;
+        seq.preempted = false;  // its prefill is done: it holds all of itself again
         if (seq.resume_pending) {
             // A resumed prefill ended: the cache holds every generated token again.
             seq.resume_pending = false;

@@ -52,6 +52,7 @@ struct Sequence {
     size_t orig_parts = 0;                 // parts of the original prompt (a resume part may follow)
     std::vector<llama_token> generated;    // every sampled token handed to decode, in order
     bool resume_pending = false;           // the prefill in progress re-creates generated tokens
+    bool preempted = false;                // cells taken back; cleared when its prefill is done again
 
     // For Finish::timings (steady clock). Admission happens once: a preempted sequence stays here.
     std::chrono::steady_clock::time_point admitted{}, first_token{}, last_token{};

@@ -145,3 +145,31 @@ t.test('tokens per step with multi-step images: the sum is every prompt and deco
   // sequences: nothing above 128 (buckets k >= 8).
   t.equal(after.stepTokens.slice(8).reduce((a, b) => a + b, 0), 0, 'no step above 128 tokens');
 });
+
+// A 1036x1036 image (1369 rows) going in 8 rows a step beside a text request that keeps growing,
+// in a pool that holds both prompts but not the text's whole output: the pool fills before the
+// image is in, so the image request, the youngest, is preempted in the middle of its image. It
+// must then wait until it fits again (here: until the text request is done), not start over at
+// once and fill the pool again (it did: it was preempted twice in this run before the fix).
+t.test('preempted in the middle of its image: waits for room, prefills it once more, every token', async (t) => {
+  const engine = new Engine(await options({ nCtx: 1536, nBatch: 8, maxSeqs: 2, visionEncoder: 'caprl' }));
+  t.teardown(() => engine.close());
+  t.equal(engine.info.kvCache.layout, 'unified');
+  const big: Job = { text: 'Describe this image.', images: [image(1036, 5)], maxTokens: 8 };
+  const story: Job = { text: 'Tell me a long story about a cat.', maxTokens: 400 };
+  const alone = await run(engine, big);  // also puts the image in the embedding cache
+  const before = engine.stats();
+  const [text, picture] = await Promise.all([run(engine, story), run(engine, big)]);
+  const after = engine.stats();
+  t.equal(after.preemptions - before.preemptions, 1, 'preempted once');
+  t.same(text.finishes.map((f) => [f.reason, f.completionTokens]), [['length', 400]]);
+  t.same(picture.finishes.map((f) => [f.reason, f.completionTokens]), [['length', 8]]);
+  t.same(picture.tokens, alone.tokens, 'prefilled again alone, its greedy tokens are the ones of a run alone');
+  // Cells decoded and then given back: the preempted request's prompt prefix and image rows.
+  const once = [text, picture].reduce((s, r) => s + r.finishes[0]!.promptTokens + r.finishes[0]!.completionTokens - 1, 0);
+  const lost = after.stepTokensSum - before.stepTokensSum - once;
+  const prefix = engine.tokenize('<|im_start|>user\n<|vision_start|>').length;
+  t.ok(lost > prefix && lost < prefix + 1369, `preempted mid-image: ${lost - prefix} of its 1369 image rows were in`);
+  t.equal(after.imageCacheHits - before.imageCacheHits, 2, 'the image came from the cache at admission and at the restart');
+  t.equal(after.kvUsedCells, 0);
+});
