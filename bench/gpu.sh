@@ -289,7 +289,7 @@ fi
   echo
   echo "================ summary ($(date -u +%H:%M:%S), ${SECONDS}s, rc $rc)"
   grep -hE '^gpu-check: ([0-9]+ cases|no CUDA)|^hf-check: ([0-9]+ compared|skipped)|^FAIL|1024x1024' "$OUT/gpu-check.txt" 2>/dev/null
-  [ -f "$WORK/vision-encoder.out" ] && { echo "-- vision encoder (ms per image)"; grep -h '^|' "$WORK/vision-encoder.out"; }
+  [ -f "$WORK/vision-encoder.out" ] && { echo "-- vision encoder (ms per image)"; grep -hE '^\||^ours' "$WORK/vision-encoder.out"; }
   for f in "$WORK"/bench-*.out; do
     [ -f "$f" ] || continue
     echo "-- $(basename "$f" .out)"
