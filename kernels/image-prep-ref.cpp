@@ -1,4 +1,6 @@
-// CPU reference of the image preparation kernels (see image-prep.h for the contract).
+// CPU reference of the image preparation kernels (see image-prep.h for the contract), and the
+// CPU path in production (the addon's resizeRgb, our vision encoder's preprocessing): the passes
+// are vectorized, with the same integer sums as Pillow's, so the output is Pillow's bit for bit.
 // The resampler follows llama.cpp tools/mtmd/mtmd-image.cpp img_tool::resize_pillow, itself a
 // port of Pillow's libImaging/Resample.c: same filter, same double-precision coefficient
 // computation, same fixed-point rounding, horizontal pass first with a uint8 image between.
@@ -46,11 +48,12 @@ bool valid_side(int s) { return s > 0 && s <= CAPRL_PREP_MAX_SIDE; }
 // Elements per block of a row: the block's int32 accumulators stay in L1 across its taps.
 constexpr size_t kRowBlock = 2048;
 
-// One pass of Pillow's resampler along the rows of a row-major image whose rows are `row_elems`
-// bytes: out row y = sum_j weight[y][j] * in row (bounds[y] + j), in fixed point, clipped to
-// uint8. Every element is an independent sum, so the loop runs along the row (vectorized).
+// Vertical pass: src (cols x in_rows) -> dst (cols x out_rows). Out row y = sum_j weight[y][j] *
+// in row (bounds[y] + j), in fixed point, clipped to uint8; every element is an independent sum,
+// so the loop runs along the row (vectorized).
 CAPRL_ROW_PASS_CLONES
-void resample_rows(const uint8_t *src, size_t row_elems, int in_rows, uint8_t *dst, int out_rows) {
+void resample_vertical(const uint8_t *src, int cols, int in_rows, uint8_t *dst, int out_rows) {
+    const size_t row_elems = (size_t)cols * 3;
     const int ksize = caprl_resample_coeffs(in_rows, out_rows, nullptr, nullptr);
     std::vector<int> bounds((size_t)out_rows * 2);
     std::vector<int32_t> weights((size_t)out_rows * ksize);
@@ -149,11 +152,6 @@ void resample_horizontal(const uint8_t *src, int in_w, int rows, uint8_t *dst, i
         }
         row_fn(wide.data(), bounds.data(), weights.data(), ksize, out_w, dst + (size_t)y * out_w * 3);
     }
-}
-
-// Vertical pass: src (cols x in_h) -> dst (cols x out_h).
-void resample_vertical(const uint8_t *src, int cols, int in_h, uint8_t *dst, int out_h) {
-    resample_rows(src, (size_t)cols * 3, in_h, dst, out_h);
 }
 
 }  // namespace
