@@ -15,7 +15,7 @@ import { parseArgs } from 'node:util';
 import { captionBody, runLevel, StreamClient } from './client.js';
 import { parseSizes, syntheticImageDataUri, type ImageSize } from './images.js';
 import { markdownReport, shortTable, type BenchReport, type LevelRecord, type ServerRecord } from './report.js';
-import { breakdown, scrape } from './server-metrics.js';
+import { breakdown, caprlMetrics } from './server-metrics.js';
 import { findLlamaServer, freePort, machineInfo, ManagedServer, MemorySampler, type ServerSpec } from './servers.js';
 import { summarize } from './stats.js';
 
@@ -271,12 +271,12 @@ export async function main(argv: string[]): Promise<number> {
         const bodies = uris[li].map((u, i) => captionBody({ model: t.modelName, prompt, imageUrl: u, outputTokens, seed: i }));
         const sampler = t.pid !== undefined ? new MemorySampler(t.pid) : undefined;
         await sampler?.start();
-        const metricsBefore = await scrape(t.baseUrl);
+        const metricsBefore = await caprlMetrics(t.baseUrl);
         log(`${t.name} c=${c}: ${bodies.length} requests`);
         const { results, truncated } = await runLevel(clients.get(t.name)!, bodies, c, { deadline: deadlineAt, timeoutMs });
         await sampler?.stop();
         const summary = summarize(c, results, truncated);
-        const metricsAfter = metricsBefore && (await scrape(t.baseUrl));
+        const metricsAfter = metricsBefore && (await caprlMetrics(t.baseUrl));
         const rec: LevelRecord = {
           server: t.name, order: oi, ...summary,
           ...(sampler ? { rssPeakMiB: sampler.rssPeakMiB, gpuPeakMiB: sampler.gpuPeakMiB } : {}),

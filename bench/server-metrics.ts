@@ -2,28 +2,31 @@
 // the level) and their difference, as mean times per request and engine-step rates. It tells
 // where TTFT goes (image prep, queue, vision encoder, prefill) and how full the steps were.
 
-/** Series name (labels dropped, label sets summed) -> value. */
-export type Scrape = Map<string, number>;
-
-export function parseProm(text: string): Scrape {
-  const out: Scrape = new Map();
+/** Sum of the samples named `name` whose labels include `labels` (0 when none), from Prometheus text. */
+export function metricValue(text: string, name: string, labels: Record<string, string> = {}): number {
+  let sum = 0;
   for (const line of text.split('\n')) {
-    if (!line || line.startsWith('#')) continue;
-    const m = /^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)/.exec(line);
-    if (!m) continue;
-    const v = Number(m[3]);
-    if (Number.isFinite(v)) out.set(m[1], (out.get(m[1]) ?? 0) + v);
+    if (!line.startsWith(name)) continue;
+    const m = /^([^{\s]+)(\{([^}]*)\})?\s+(\S+)/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const ls = m[3] ?? '';
+    if (Object.entries(labels).every(([k, v]) => ls.includes(`${k}="${v}"`))) sum += Number(m[4]);
   }
-  return out;
+  return sum;
 }
 
-/** The server's metrics, or undefined where it has none (llama-server without --metrics). */
-export async function scrape(baseUrl: string): Promise<Scrape | undefined> {
+/** A server's /metrics text. */
+export async function metricsText(baseUrl: string): Promise<string> {
+  const res = await fetch(`${baseUrl}/metrics`, { signal: AbortSignal.timeout(10_000) });
+  if (!res.ok) throw new Error(`GET ${baseUrl}/metrics: HTTP ${res.status}`);
+  return res.text();
+}
+
+/** A caprl server's /metrics text, or undefined where there is none (llama-server without --metrics). */
+export async function caprlMetrics(baseUrl: string): Promise<string | undefined> {
   try {
-    const res = await fetch(`${baseUrl}/metrics`, { signal: AbortSignal.timeout(10_000) });
-    if (!res.ok) return undefined;
-    const s = parseProm(await res.text());
-    return s.has('caprl:engine_steps_total') ? s : undefined;
+    const text = await metricsText(baseUrl);
+    return text.includes('caprl:engine_steps_total') ? text : undefined;
   } catch {
     return undefined;
   }
@@ -51,8 +54,8 @@ export interface EngineBreakdown {
   hostMsPerStep: number;
 }
 
-export function breakdown(before: Scrape, after: Scrape, durationS: number): EngineBreakdown {
-  const d = (name: string) => (after.get(name) ?? 0) - (before.get(name) ?? 0);
+export function breakdown(before: string, after: string, durationS: number): EngineBreakdown {
+  const d = (name: string) => metricValue(after, name) - metricValue(before, name);
   const meanMs = (hist: string) => {
     const n = d(`${hist}_count`);
     return n > 0 ? (d(`${hist}_sum`) / n) * 1000 : NaN;

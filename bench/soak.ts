@@ -13,6 +13,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { accounted, runLoad, type LoadTally } from './load.js';
+import { metricsText, metricValue } from './server-metrics.js';
 import { freePort, ManagedServer } from './servers.js';
 import { percentile } from './stats.js';
 import { syntheticImageDataUri } from './images.js';
@@ -42,23 +43,6 @@ interface MemSample {
   t: number;
   rssMiB: number;
   heapMiB: number;
-}
-
-function metricValue(text: string, name: string, labels: Record<string, string> = {}): number {
-  let sum = 0;
-  for (const line of text.split('\n')) {
-    if (!line.startsWith(name)) continue;
-    const m = /^([^{\s]+)(\{([^}]*)\})?\s+(\S+)/.exec(line);
-    if (!m || m[1] !== name) continue;
-    const ls = m[3] ?? '';
-    if (Object.entries(labels).every(([k, v]) => ls.includes(`${k}="${v}"`))) sum += Number(m[4]);
-  }
-  return sum;
-}
-
-async function metrics(baseUrl: string): Promise<string> {
-  const res = await fetch(`${baseUrl}/metrics`);
-  return res.text();
 }
 
 export async function main(argv = process.argv.slice(2)): Promise<number> {
@@ -112,7 +96,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const t0 = Date.now();
   const sampleMem = async (): Promise<void> => {
     try {
-      const text = await metrics(baseUrl!);
+      const text = await metricsText(baseUrl!);
       mem.push({
         t: (Date.now() - t0) / 1000,
         rssMiB: metricValue(text, 'process_resident_memory_bytes') / 2 ** 20,
@@ -126,7 +110,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   // Warm-up, then the baseline.
   await runLoad({ baseUrl, model: modelName, clients: 4, requests: 16, images, outputTokens, mix: { disconnect: 0, bad: 0 }, seed: 999 });
   await sampleMem();
-  const before = await metrics(baseUrl);
+  const before = await metricsText(baseUrl);
   const fmt = (t: LoadTally) => `${t.sent} sent: ${t.byOutcome.ok} ok, ${t.byOutcome.refused} refused (429), ${t.byOutcome.rejected} bad (4xx), ` +
     `${t.byOutcome.disconnected} hung up, ${t.byOutcome.error} errors`;
   const tally = await runLoad({
@@ -142,7 +126,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   // Idle for a while (aborted requests finish being counted, memory settles), then the final state.
   await new Promise((r) => setTimeout(r, num(values.settle, 10) * 1000));
   await sampleMem();
-  const after = await metrics(baseUrl);
+  const after = await metricsText(baseUrl);
   const L = { model_name: modelName };
   const d = (name: string, labels: Record<string, string> = L) => metricValue(after, name, labels) - metricValue(before, name, labels);
   const o = tally.byOutcome;
