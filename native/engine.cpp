@@ -40,6 +40,11 @@ double seconds_between(Clock::time_point from, Clock::time_point to) {
     return std::chrono::duration<double>(to - from).count();
 }
 
+// For the engine's time counters (atomic integers).
+uint64_t ns_between(Clock::time_point from, Clock::time_point to) {
+    return (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(to - from).count();
+}
+
 }  // namespace
 
 int32_t PromptPart::n_cells() const {
@@ -724,8 +729,6 @@ bool Engine::step() {
         emit(std::move(out_));
         return false;
     }
-    using Clock = std::chrono::steady_clock;
-    const auto ns_since = [](Clock::time_point t) { return (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count(); };
     const auto step_started = Clock::now();
 
     make_room();
@@ -769,7 +772,7 @@ bool Engine::step() {
         budget -= rows;
         if (!seq.pinned) free_cells -= rows;
     }
-    if (step_tokens > 0) model_ns_ += ns_since(images_started);
+    if (step_tokens > 0) model_ns_ += ns_between(images_started, Clock::now());
 
     // One batch: every decoding sequence's next token, then prompt text up to the budget.
     batch_.n_tokens = 0;
@@ -846,11 +849,11 @@ bool Engine::step() {
     }
     release_finished();
     emit(std::move(out_));
-    busy_ns_ += ns_since(step_started);
+    busy_ns_ += ns_between(step_started, Clock::now());
     return progress;
 }
 
-void Engine::sample_outputs(std::chrono::steady_clock::time_point decode_started) {
+void Engine::sample_outputs(Clock::time_point decode_started) {
     std::list<Sequence> forked;
     std::vector<std::pair<Sequence *, int32_t>> rows;  // (sequence, its row of this step's logits)
     for (auto & seq : running_) {
@@ -881,11 +884,11 @@ void Engine::sample_outputs(std::chrono::steady_clock::time_point decode_started
     std::vector<const float *> logits(rows.size());
     // The first read waits for the step's compute: the model's time ends here.
     for (size_t i = 0; i < rows.size(); i++) logits[i] = llama_get_logits_ith(ctx_, rows[i].second);
-    const auto draws_started = std::chrono::steady_clock::now();
-    model_ns_ += (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(draws_started - decode_started).count();
+    const auto draws_started = Clock::now();
+    model_ns_ += ns_between(decode_started, draws_started);
     std::vector<Draw> draws(rows.size());
     sampling_->run(rows.size(), [&](size_t i) { draws[i] = draw(*rows[i].first, logits[i]); });
-    sample_ns_ += (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - draws_started).count();
+    sample_ns_ += ns_between(draws_started, Clock::now());
     for (size_t i = 0; i < rows.size(); i++) accept(*rows[i].first, std::move(draws[i]));
     running_.splice(running_.end(), forked);
 }
