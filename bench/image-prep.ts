@@ -9,7 +9,7 @@
 //   node dist/bench/image-prep.js [--sizes 640x480,1024x1024,1920x1080,4000x3000] [--rounds 9]
 import { parseArgs } from 'node:util';
 import sharp from 'sharp';
-import { prepareImage } from '../src/images/prepare.js';
+import { prepareImage, rgbDecoder } from '../src/images/prepare.js';
 import { LLAMA_CPP_QWEN25VL_LIMITS, smartResize } from '../src/images/qwen-resize.js';
 import { parseSizes, syntheticRgb } from './images.js';
 import { percentile } from './stats.js';
@@ -37,11 +37,8 @@ async function main(): Promise<void> {
     const { width, height } = size;
     const jpeg = await sharp(syntheticRgb(width, height, 1), { raw: { width, height, channels: 3 } }).jpeg({ quality: 90 }).toBuffer();
     const target = smartResize(height, width, LLAMA_CPP_QWEN25VL_LIMITS);
-    const decode = () => sharp(jpeg, { autoOrient: true, pages: 1 })
-      .flatten({ background: { r: 255, g: 255, b: 255 } }).toColourspace('srgb').removeAlpha().raw({ depth: 'uchar' }).toBuffer();
-    const decodeMs = await medianMs(rounds, decode);
-    const sharpMs = await medianMs(rounds, () => sharp(jpeg, { autoOrient: true, pages: 1 })
-      .flatten({ background: { r: 255, g: 255, b: 255 } }).toColourspace('srgb')
+    const decodeMs = await medianMs(rounds, () => rgbDecoder(jpeg).removeAlpha().raw({ depth: 'uchar' }).toBuffer());
+    const sharpMs = await medianMs(rounds, () => rgbDecoder(jpeg)
       .resize(target.width, target.height, { fit: 'fill', kernel: 'cubic', fastShrinkOnLoad: false })
       .removeAlpha().raw({ depth: 'uchar' }).toBuffer());
     const prepMs = await medianMs(rounds, () => prepareImage(jpeg, LLAMA_CPP_QWEN25VL_LIMITS));

@@ -8,7 +8,7 @@
 // Why not sharp's resize: libvips enlarges ~4x slower than this resampler (55 vs 14 ms for
 // 1024x1024 -> 1036x1036 on one core, bench/image-prep.ts), and most images are enlarged by a
 // few pixels to reach the 28-px grid; and PIL's rounding is what HF's slow processor gives.
-import sharp, { type Metadata, type OutputInfo, type SharpOptions } from 'sharp';
+import sharp, { type Metadata, type OutputInfo, type Sharp, type SharpOptions } from 'sharp';
 import { loadAddon } from '../engine/native.js';
 import { DecodeBudget, SHARED_DECODE_BUDGET } from './decode-budget.js';
 import { decodeImageDataUri } from './decode-data-uri.js';
@@ -49,6 +49,18 @@ function decodeFailed(err: unknown, maxInputPixels: number): ImageInputError {
   return new ImageInputError('image_decode_failed', `could not decode the image: ${msg}`);
 }
 
+const decodeOptions = (maxInputPixels: number): SharpOptions => ({ autoOrient: true, limitInputPixels: maxInputPixels, pages: 1 });
+
+/**
+ * The decoding half of the pipeline, as a sharp instance still to be given its output: first
+ * frame, EXIF orientation applied, alpha flattened onto white, sRGB (bench/image-prep.ts times it).
+ */
+export function rgbDecoder(bytes: Buffer, maxInputPixels = DEFAULT_MAX_INPUT_PIXELS): Sharp {
+  return sharp(bytes, decodeOptions(maxInputPixels))
+    .flatten({ background: { r: 255, g: 255, b: 255 } })
+    .toColourspace('srgb');
+}
+
 /** Decodes, orients, flattens, converts and resizes image bytes. Throws ImageInputError. */
 export async function prepareImage(bytes: Buffer, opts: PrepareOptions = {}): Promise<PreparedImage> {
   const limits: ResizeLimits = {
@@ -57,14 +69,9 @@ export async function prepareImage(bytes: Buffer, opts: PrepareOptions = {}): Pr
     factor: opts.factor,
   };
   const maxInputPixels = opts.maxInputPixels ?? DEFAULT_MAX_INPUT_PIXELS;
-  const sharpOpts: SharpOptions = {
-    autoOrient: true,
-    limitInputPixels: maxInputPixels,
-    pages: 1,
-  };
   let meta: Metadata;
   try {
-    meta = await sharp(bytes, sharpOpts).metadata();
+    meta = await sharp(bytes, decodeOptions(maxInputPixels)).metadata();
   } catch (err) {
     throw decodeFailed(err, maxInputPixels);
   }
@@ -82,21 +89,19 @@ export async function prepareImage(bytes: Buffer, opts: PrepareOptions = {}): Pr
   }
   const release = await (opts.decodeBudget ?? SHARED_DECODE_BUDGET).acquire(originalWidth * originalHeight * 3);
   try {
-    return await decodeAndResize(bytes, sharpOpts, maxInputPixels, originalWidth, originalHeight, target);
+    return await decodeAndResize(bytes, maxInputPixels, originalWidth, originalHeight, target);
   } finally {
     release();
   }
 }
 
 async function decodeAndResize(
-  bytes: Buffer, sharpOpts: SharpOptions, maxInputPixels: number, originalWidth: number, originalHeight: number,
+  bytes: Buffer, maxInputPixels: number, originalWidth: number, originalHeight: number,
   target: { width: number; height: number },
 ): Promise<PreparedImage> {
   let out: { data: Buffer; info: OutputInfo };
   try {
-    out = await sharp(bytes, sharpOpts)
-      .flatten({ background: { r: 255, g: 255, b: 255 } })
-      .toColourspace('srgb')
+    out = await rgbDecoder(bytes, maxInputPixels)
       .removeAlpha()
       .raw({ depth: 'uchar' })
       .toBuffer({ resolveWithObject: true });
