@@ -352,6 +352,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("promptTokensTotal", (double) s.prompt_tokens_total);
         o.Set("generationTokensTotal", (double) s.generation_tokens_total);
         o.Set("preemptions", (double) s.preemptions);
+        o.Set("streamMoves", (double) s.stream_moves);
         o.Set("imageCacheHits", (double) s.image_cache_hits);
         o.Set("imageCacheMisses", (double) s.image_cache_misses);
         Napi::Array step_tokens = Napi::Array::New(env, s.step_tokens.size());

@@ -21,6 +21,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -92,6 +93,9 @@ class Engine {
     void submit_images(Sequence & seq);
     int64_t cells_committed(bool with_prefill) const;  // reserved (pinned) + used (+ still to prefill) cells
     void make_room();                      // preempts the youngest unpinned sequences until this step fits
+    void pack_decoding_streams();          // per-sequence KV: decoding sequences onto ids 0..d-1
+    bool vacate_seq_id(llama_seq_id id, llama_seq_id above);  // moves a non-decoding holder of `id` above `above`
+    void move_sequence(Sequence & seq, llama_seq_id to);      // to a free id, its KV stream copied
     void preempt(Sequence & seq);
     int64_t growth_watermark() const;
     bool may_start_resume(const Sequence & seq, int64_t free_cells) const;
@@ -110,6 +114,7 @@ class Engine {
     Timings timings_of(const Sequence & seq) const;
     void count_step_tokens(uint32_t tokens);  // one engine step's tokens into the step_tokens histogram
     void release_finished();
+    llama_seq_id take_seq_id();  // the lowest free one (admit() checks there is one)
     void emit(std::vector<Event> && events);
 
     EngineOptions opts_;
@@ -145,7 +150,9 @@ class Engine {
     std::unordered_set<int64_t> prep_sent_;                    // waiting requests handed to prep_
     std::unordered_map<int64_t, PreparedPrompt> prepared_;     // taken from prep_, not admitted yet
     std::list<Sequence> running_;
-    std::vector<llama_seq_id> free_seq_ids_;
+    // Free sequence ids (KV streams); the lowest is taken first, so with a stream per sequence the
+    // running ones stay packed at the low ids (see step()).
+    std::set<llama_seq_id> free_seq_ids_;
     int64_t reserved_cells_ = 0;
     std::vector<Event> out_;
 
@@ -160,6 +167,7 @@ class Engine {
     std::atomic<uint64_t> prompt_tokens_total_{0};
     std::atomic<uint64_t> generation_tokens_total_{0};
     std::atomic<uint64_t> preemptions_{0};
+    std::atomic<uint64_t> stream_moves_{0};
     std::array<std::atomic<uint64_t>, 32> step_tokens_{};  // EngineStats::step_tokens
     std::atomic<uint64_t> step_tokens_sum_{0};
     std::atomic<uint64_t> busy_ns_{0}, model_ns_{0}, sample_ns_{0};  // EngineStats::*_seconds

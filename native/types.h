@@ -125,6 +125,7 @@ struct EngineStats {
     uint64_t prompt_tokens_total = 0;
     uint64_t generation_tokens_total = 0;
     uint64_t preemptions = 0;
+    uint64_t stream_moves = 0;  // per-sequence KV: sequences moved to a lower id (stream copied)
     uint64_t image_cache_hits = 0;
     uint64_t image_cache_misses = 0;
     // Tokens per engine step (prompt, decode and image-embedding rows decoded): step_tokens[k] counts

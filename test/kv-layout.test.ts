@@ -1,6 +1,8 @@
 // The KV cache's layout: a stream per sequence when the cache holds every sequence at
 // --max-model-len (attention then reads only a sequence's own cells), one shared pool otherwise.
 // Decoding must not depend on it: batching, n choices (copied across streams) and images.
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { Engine, type EngineImage } from '../src/engine/engine.js';
 import { greedy } from './helpers/engine-inputs.js';
@@ -98,4 +100,26 @@ t.test('a stream per sequence, sampled on 3 threads, sequence ids reused out of 
     const together = await Promise.all([0, 1, 2, 3].map(async (i) => (await run(engine, prompt(i), 1, 24))[0]!));
     t.same(together, solo, `round ${round}: 4 sequences on reused streams get the tokens each gets alone`);
   }
+});
+
+t.test('a stream per sequence: sequences decoding together are one ubatch, holes in the ids or not', async (t) => {
+  // llama.cpp cuts a batch for per-sequence streams into ubatches of consecutive sequence ids, each
+  // a pass over the weights. Read from its own batch debug output, in a child process.
+  const { model } = await tinyModel();
+  const script = fileURLToPath(new URL('./helpers/ubatch-child.js', import.meta.url));
+  const child = spawn(process.execPath, [script, model], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LLAMA_BATCH_DEBUG: '1' } });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  const code = await new Promise<number | null>((r) => child.on('close', r));
+  t.equal(code, 0, stderr.slice(-2000));
+  const out = JSON.parse(stdout) as { layout: string; moves: number; alone: number[][]; together: number[][] };
+  t.equal(out.layout, 'per-sequence');
+  t.equal(out.moves, 1, 'one stream copied: the last survivor, into the first hole');
+  t.same(out.together, out.alone, 'the long requests (one moved to a lower id when the others ended) get their tokens alone');
+  const phase = stderr.slice(stderr.indexOf('\nBEGIN\n'), stderr.indexOf('\nEND\n'));
+  const seqsPerUbatch = [...phase.matchAll(/n_seqs\s*=\s*(\d+)/g)].map((m) => Number(m[1]));
+  t.ok(seqsPerUbatch.length >= 24, `${seqsPerUbatch.length} ubatches read from llama.cpp's debug output`);
+  t.same(seqsPerUbatch.filter((n) => n < 2), [], 'no ubatch holds a single sequence: 4, then 2 decoding, one pass each step');
 });

@@ -62,6 +62,7 @@ t.test('metrics on the tiny model', async (t) => {
       ['caprl:request_preprocessing_seconds', 'histogram'],
       ['caprl:engine_steps_total', 'counter'],
       ['caprl:engine_step_sequences_total', 'counter'],
+      ['caprl:kv_stream_moves_total', 'counter'],
       ['caprl:engine_busy_seconds_total', 'counter'],
       ['caprl:engine_model_seconds_total', 'counter'],
       ['caprl:engine_sample_seconds_total', 'counter'],
@@ -97,6 +98,7 @@ t.test('metrics on the tiny model', async (t) => {
     for (const name of ['process_resident_memory_bytes', 'nodejs_heap_size_used_bytes', 'nodejs_eventloop_lag_seconds']) t.ok(m.has(name), name);
     t.equal(m.value('caprl:kv_cache_total_tokens', L), 4096);
     t.equal(m.value('vllm:num_preemptions_total', L), s.engine.stats().preemptions);
+    t.equal(m.value('caprl:kv_stream_moves_total', L), s.engine.stats().streamMoves);
   });
 
   t.test('counts equal what the clients saw', async (t) => {

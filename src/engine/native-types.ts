@@ -156,6 +156,11 @@ export interface EngineStats {
   generationTokensTotal: number;
   /** Sequences whose KV cells were taken back to make room (they resume by prefilling again). */
   preemptions: number;
+  /**
+   * With a KV stream per sequence: sequences moved to a lower sequence id (their stream copied), so
+   * that the decoding ones hold consecutive ids and each step decodes them in one ubatch.
+   */
+  streamMoves: number;
   /** Images whose embeddings came from the cache (same pixels and size as an earlier image). */
   imageCacheHits: number;
   imageCacheMisses: number;

@@ -199,6 +199,11 @@ export class ServerMetrics {
     );
     engineCounter('caprl:image_cache_hits_total', 'Images whose embeddings came from the image-embedding cache (same pixels and size as an earlier image).', (s) => s.imageCacheHits);
     engineCounter('caprl:image_cache_misses_total', 'Images the vision encoder had to encode (not in the image-embedding cache).', (s) => s.imageCacheMisses);
+    engineCounter(
+      'caprl:kv_stream_moves_total',
+      'Per-sequence KV layout: sequences whose KV stream was copied to a lower sequence id, so that the decoding sequences hold consecutive ids and decode in one ubatch.',
+      (s) => s.streamMoves,
+    );
     engineCounter('caprl:engine_busy_seconds_total', 'Engine-thread seconds spent in steps with sequences running.', (s) => s.busySeconds);
     engineCounter('caprl:engine_model_seconds_total', 'Of the busy seconds: the model (llama_decode of image rows and of the batch, until its logits are ready).', (s) => s.modelSeconds);
     engineCounter('caprl:engine_sample_seconds_total', 'Of the busy seconds: drawing the tokens from the logits.', (s) => s.sampleSeconds);
