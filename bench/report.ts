@@ -137,6 +137,7 @@ const ENGINE_COLUMNS: [string, (e: EngineBreakdown) => number, number][] = [
   ['model ms/step', (e) => e.modelMsPerStep, 2],
   ['sample ms/step', (e) => e.sampleMsPerStep, 3],
   ['host ms/step', (e) => e.hostMsPerStep, 3],
+  ['KV moves', (e) => e.streamMoves, 0],
 ];
 
 /** Per level, what caprl's /metrics says: means per request and per engine step. */

@@ -52,6 +52,8 @@ export interface EngineBreakdown {
   modelMsPerStep: number;
   sampleMsPerStep: number;
   hostMsPerStep: number;
+  /** Per-sequence KV layout: sequences moved to a lower id (stream copied) to keep a decode step one ubatch. */
+  streamMoves: number;
 }
 
 export function breakdown(before: string, after: string, durationS: number): EngineBreakdown {
@@ -76,5 +78,6 @@ export function breakdown(before: string, after: string, durationS: number): Eng
     modelMsPerStep: per(d('caprl:engine_model_seconds_total') * 1000),
     sampleMsPerStep: per(d('caprl:engine_sample_seconds_total') * 1000),
     hostMsPerStep: per((d('caprl:engine_busy_seconds_total') - d('caprl:engine_model_seconds_total') - d('caprl:engine_sample_seconds_total')) * 1000),
+    streamMoves: d('caprl:kv_stream_moves_total'),
   };
 }
