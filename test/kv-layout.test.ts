@@ -92,11 +92,16 @@ t.test('a stream per sequence, sampled on 3 threads, sequence ids reused out of 
   t.equal(engine.info.kvCache.layout, 'per-sequence');
   const solo: number[][] = [];
   for (let i = 0; i < 4; i++) solo.push((await run(engine, prompt(i), 1, 24))[0]!);
+  const lengths = [30, 5, 20, 10];
+  const soloStaggered: number[][] = [];
+  for (let i = 0; i < 4; i++) soloStaggered.push((await run(engine, prompt(4 + i), 1, lengths[i]! + 8))[0]!);
   for (let round = 0; round < 8; round++) {
     // Different lengths end the sequences in another order than they started, so the next
     // requests get their sequence ids (and streams) out of order: llama.cpp then reorders the
-    // step's outputs, lazily, on the first read of the logits.
-    await Promise.all([30, 5, 20, 10].map((n, i) => run(engine, prompt(4 + i), 1, n + round)));
+    // step's outputs, lazily, on the first read of the logits. The survivors move down into the
+    // holes (their streams copied) while they decode.
+    const staggered = await Promise.all(lengths.map(async (n, i) => (await run(engine, prompt(4 + i), 1, n + round))[0]!));
+    t.same(staggered, soloStaggered.map((s, i) => s.slice(0, lengths[i]! + round)), `round ${round}: sequences that ended early or moved get the tokens each gets alone`);
     const together = await Promise.all([0, 1, 2, 3].map(async (i) => (await run(engine, prompt(i), 1, 24))[0]!));
     t.same(together, solo, `round ${round}: 4 sequences on reused streams get the tokens each gets alone`);
   }
