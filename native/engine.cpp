@@ -564,8 +564,13 @@ void Engine::submit_images(Sequence & seq) {
         part.vision_key = next_vision_key_++;
         ImagePtr img = k < seq.req.images.size() ? seq.req.images[k] : nullptr;
         k++;
-        vision_->submit(part.vision_key, seq.chunks, part.media, std::move(img));
+        vision_jobs_.push_back(VisionWorker::Job{part.vision_key, seq.chunks, part.media, std::move(img)});
     }
+}
+
+void Engine::submit_queued_images() {
+    if (!vision_jobs_.empty()) vision_->submit(std::move(vision_jobs_));
+    vision_jobs_.clear();
 }
 
 int64_t Engine::growth_watermark() const {
@@ -793,6 +798,7 @@ bool Engine::step() {
     const auto step_started = Clock::now();
 
     make_room();
+    submit_queued_images();  // admitted and preempted this step: one hand-over, one encoder pass
     pack_decoding_streams();
     // Cells unpinned prompts may take this step, after every decoding sequence's next token.
     int64_t free_cells = (int64_t) info_.n_ctx - cells_committed(false);

@@ -90,7 +90,8 @@ class Engine {
     // rows decoded, or -1 while the image is still being encoded.
     int32_t prefill_image(Sequence & seq, int32_t max_rows);
     int32_t decode_image_rows(const Sequence & seq, const PromptPart & part, int32_t first, int32_t n);
-    void submit_images(Sequence & seq);
+    void submit_images(Sequence & seq);  // queued in vision_jobs_, handed over by submit_queued_images()
+    void submit_queued_images();
     int64_t cells_committed(bool with_prefill) const;  // reserved (pinned) + used (+ still to prefill) cells
     void make_room();                      // preempts the youngest unpinned sequences until this step fits
     void pack_decoding_streams();          // per-sequence KV: decoding sequences onto ids 0..d-1
@@ -153,6 +154,7 @@ class Engine {
     // Free sequence ids (KV streams); the lowest is taken first, so with a stream per sequence the
     // running ones stay packed at the low ids (see step()).
     std::set<llama_seq_id> free_seq_ids_;
+    std::vector<VisionWorker::Job> vision_jobs_;  // this step's images, for the vision worker
     int64_t reserved_cells_ = 0;
     std::vector<Event> out_;
 

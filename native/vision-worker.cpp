@@ -12,23 +12,26 @@ VisionWorker::VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int
       jobs_([this](std::vector<Job> & jobs) { return encode(jobs); }, std::move(on_ready), std::chrono::milliseconds(0),
             [this](const std::deque<Job> & queue) { return batch_size(queue); }) {}
 
-void VisionWorker::submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, ImagePtr image) {
-    const char * id = mtmd_input_chunk_get_id(chunk);
-    Result cached{true, {}};
-    bool hit = false;
-    {
-        std::lock_guard<std::mutex> lk(cache_mu_);
-        hit = id && cache_get(id, cached.embd);
+void VisionWorker::submit(std::vector<Job> && jobs) {
+    std::vector<Job> misses;
+    for (Job & job : jobs) {
+        const char * id = mtmd_input_chunk_get_id(job.chunk);
+        Result cached{true, {}};
+        bool hit = false;
+        {
+            std::lock_guard<std::mutex> lk(cache_mu_);
+            hit = id && cache_get(id, cached.embd);
+        }
+        if (hit) {
+            hits_++;
+            jobs_.complete(job.key, std::move(cached));
+            continue;
+        }
+        if (id && cache_limit_ > 0) misses_++;
+        if (!encoder_) job.image = nullptr;
+        misses.push_back(std::move(job));
     }
-    if (hit) {
-        hits_++;
-        jobs_.complete(key, std::move(cached));
-        return;
-    }
-    if (id && cache_limit_ > 0) misses_++;
-    std::vector<Job> one;
-    one.push_back(Job{key, std::move(owner), chunk, encoder_ ? std::move(image) : nullptr});
-    jobs_.submit(std::move(one));
+    if (!misses.empty()) jobs_.submit(std::move(misses));
 }
 
 bool VisionWorker::cache_get(const std::string & id, Embeddings & out) {

@@ -32,9 +32,17 @@ class VisionWorker {
     // images are encoded by it, in batches, instead of by mtmd/clip one at a time.
     VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready);
 
-    // Queues one image chunk; `owner` keeps it alive while queued or being encoded. `image` is the
-    // chunk's RGB image (shared, not copied: our encoder preprocesses it itself; mtmd ignores it).
-    void submit(uint64_t key, SharedChunks owner, const mtmd_input_chunk * chunk, ImagePtr image = nullptr);
+    // One image chunk to encode: `owner` keeps it alive while queued or being encoded; `image` is
+    // the chunk's RGB image (shared, not copied: our encoder preprocesses it itself; mtmd ignores it).
+    struct Job {
+        uint64_t key;
+        SharedChunks owner;
+        const mtmd_input_chunk * chunk;
+        ImagePtr image;
+    };
+    // Queues image chunks handed over together (one engine step's), so that the next pass sees all
+    // of them: handed over one by one, the pass starting on the first took only those queued so far.
+    void submit(std::vector<Job> && jobs);
     // If the chunk is encoded, hands its embeddings over (null on failure) and returns true;
     // seconds: time this worker spent encoding it (0 for a cache hit).
     bool take(uint64_t key, Embeddings & embd, bool & ok, double & seconds);
@@ -45,12 +53,6 @@ class VisionWorker {
     uint64_t cache_misses() const { return misses_; }
 
   private:
-    struct Job {
-        uint64_t key;
-        SharedChunks owner;
-        const mtmd_input_chunk * chunk;
-        ImagePtr image;
-    };
     struct Result {
         bool ok = false;
         Embeddings embd;

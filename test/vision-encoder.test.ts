@@ -110,3 +110,24 @@ t.test('greedy captions through the server: --vision-encoder caprl equals llama.
     t.equal(b[i].choices[0].message.content, a[i].choices[0].message.content, `request ${i}: same greedy text`);
   }
 });
+
+t.test('images of requests admitted in one step are encoded in one pass', async (t) => {
+  // Handed to the worker one by one, the pass that started on the first image took only the
+  // images queued by then (2 + 2 of 4, measured); now the step's images go over together. A pass's
+  // images all report the pass's time, so one pass = one imageEncode value.
+  const { Engine } = await import('../src/engine/engine.js');
+  const { greedy, patternImage } = await import('./helpers/engine-inputs.js');
+  const { model, mmproj } = await tinyModel();
+  const engine = new Engine({ model, mmproj, visionEncoder: 'caprl', nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 1, nVisionThreads: 1, imageCacheBytes: 0, logLevel: 'error' });
+  t.teardown(() => engine.close());
+  const prompt = `<|im_start|>user\n<|vision_start|>${engine.info.mediaMarker}<|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n`;
+  const encodeSeconds = await Promise.all([0, 1, 2, 3].map(async (i) => {
+    let seconds = -1;
+    for await (const ev of engine.generate({ prompt, images: [patternImage(448, 11 + i)], sampling: greedy(2) })) {
+      if (ev.finish) seconds = ev.finish.timings?.imageEncode ?? -1;
+    }
+    return seconds;
+  }));
+  t.ok(encodeSeconds[0]! > 0, `encoded in ${encodeSeconds[0]} s`);
+  t.same(new Set(encodeSeconds).size, 1, `one pass for the 4 images: ${encodeSeconds.join(', ')}`);
+});
