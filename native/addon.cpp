@@ -198,6 +198,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         opts.max_model_len = (uint32_t) get_number(o, "maxModelLen", 0);
         opts.max_seqs = (uint32_t) get_number(o, "maxSeqs", opts.max_seqs);
         opts.n_batch = (uint32_t) get_number(o, "nBatch", opts.n_batch);
+        opts.n_ubatch = (uint32_t) get_number(o, "nUbatch", opts.n_ubatch);
         opts.n_threads = (int32_t) get_number(o, "nThreads", 0);
         opts.n_vision_threads = (int32_t) get_number(o, "nVisionThreads", 0);
         opts.n_sampling_threads = (int32_t) get_number(o, "nSamplingThreads", 0);

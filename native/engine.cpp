@@ -3,6 +3,8 @@
 #include "ggml-backend.h"
 #include "mtmd-helper.h"
 
+#include <cstring>
+
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -109,7 +111,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
 
     llama_context_params cp = llama_context_default_params();
     cp.n_batch = std::max(opts_.n_batch, opts_.max_seqs);
-    cp.n_ubatch = std::min<uint32_t>(cp.n_batch, 512);
+    cp.n_ubatch = std::min<uint32_t>(cp.n_batch, opts_.n_ubatch > 0 ? opts_.n_ubatch : 512);
     cp.n_seq_max = opts_.max_seqs;
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
@@ -164,6 +166,9 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
 
     if (mtmd_) {
         vision_ = std::make_unique<VisionWorker>(mtmd_, caprl_vision_.get(), llama_model_n_embd_inp(model_), opts_.image_cache_bytes, [this] { wake_from_worker(); });
+        // M-RoPE models (Qwen-VL) attend causally over images, so an image prompt can go in as one
+        // run of embedding rows, its text read from the model's token-embedding table.
+        if (mtmd_decode_use_mrope(mtmd_)) token_embd_ = TokenEmbeddings::open(opts_.model, llama_model_n_embd_inp(model_), llama_vocab_n_tokens(vocab_));
     }
 
     templates_ = common_chat_templates_init(model_, opts_.chat_template);
@@ -713,74 +718,138 @@ void Engine::preempt(Sequence & seq) {
     preemptions_++;
 }
 
-int32_t Engine::prefill_image(Sequence & seq, int32_t max_rows) {
-    PromptPart & part = seq.parts[seq.part];
-    if (part.vision_key) {
-        bool ok = false;
-        double encode_seconds = 0;
-        if (!vision_->take(part.vision_key, part.embd, ok, encode_seconds)) return -1;
-        part.vision_key = 0;
-        part.rows_done = 0;
-        seq.image_encode_seconds += encode_seconds;
-        if (!ok) {
-            finish(seq, "error", "the vision encoder failed on this image");
-            return 0;
-        }
-    }
-    const int32_t n = part.n_cells();
-    // A model that attends within an image both ways (mtmd says which) takes it in one piece.
-    const bool whole = mtmd_decode_use_non_causal(mtmd_, part.media);
-    const int32_t take = whole ? n - part.rows_done : std::min(max_rows, n - part.rows_done);
-    if (take <= 0) return 0;
-    if (whole) llama_set_causal_attn(ctx_, false);
-    const int32_t rc = decode_image_rows(seq, part, part.rows_done, take);
-    if (whole) llama_set_causal_attn(ctx_, true);
-    if (rc != 0) {
-        finish(seq, "error", "decoding the image embeddings failed");
-        return 0;
-    }
-    part.rows_done += take;
-    seq.n_cells += take;
-    if (part.rows_done == n) {
-        // M-RoPE: the text after an image continues at its start + max(rows, cols), not + cells.
-        seq.n_past += mtmd_input_chunk_get_n_pos(part.media);
-        part.embd.reset();
-        seq.part++;
-        seq.part_off = 0;
-    }
-    return take;
+bool Engine::prompt_as_rows(const Sequence & seq) const {
+    return token_embd_ && std::any_of(seq.parts.begin(), seq.parts.end(), [](const PromptPart & p) { return p.media != nullptr; });
 }
 
-int32_t Engine::decode_image_rows(const Sequence & seq, const PromptPart & part, int32_t first, int32_t n) {
+int32_t Engine::take_encoded_images(Sequence & seq, bool all) {
+    bool waiting = false;
+    for (size_t i = seq.part; i < seq.parts.size(); i++) {
+        PromptPart & part = seq.parts[i];
+        if (part.vision_key) {
+            bool ok = false;
+            double encode_seconds = 0;
+            if (!vision_->take(part.vision_key, part.embd, ok, encode_seconds)) {
+                waiting = true;
+            } else {
+                part.vision_key = 0;
+                part.rows_done = 0;
+                seq.image_encode_seconds += encode_seconds;
+                if (!ok) {
+                    finish(seq, "error", "the vision encoder failed on this image");
+                    return 0;
+                }
+            }
+        }
+        if (!all) break;
+    }
+    return waiting ? -1 : 1;
+}
+
+int32_t Engine::prefill_rows(Sequence & seq, int32_t max_rows, bool with_text) {
+    const int32_t ready = take_encoded_images(seq, with_text);
+    if (ready <= 0) return ready;
+    // The rows: from the current part on, up to max_rows; without text, the current image only.
+    struct Segment {
+        size_t part;
+        int32_t first;
+        int32_t n;
+    };
+    std::vector<Segment> segs;
+    int32_t total = 0;
+    for (size_t i = seq.part; i < seq.parts.size() && total < max_rows; i++) {
+        const PromptPart & p = seq.parts[i];
+        if (!p.media && !with_text) break;
+        const int32_t done = i == seq.part ? (p.media ? p.rows_done : (int32_t) seq.part_off) : 0;
+        int32_t k = std::min(max_rows - total, p.n_cells() - done);
+        // A model that attends within an image both ways (mtmd says which) takes it in one piece.
+        if (!with_text && mtmd_decode_use_non_causal(mtmd_, p.media)) k = p.n_cells() - done;
+        if (k > 0) segs.push_back({i, done, k});
+        total += k;
+        if (!with_text) break;
+    }
+    if (total <= 0) return 0;
+
+    // Embeddings: one image's rows are passed in place; a mix (text and image, or two images) is
+    // gathered into one buffer. Positions, for M-RoPE by section (all t, then y, x, z) as
+    // llama_batch takes them: an image's rows keep the positions they have in one piece, text rows
+    // the same position in every section (as llama.cpp gives a token batch).
     const int32_t n_embd = llama_model_n_embd_inp(model_);
     const bool mrope = mtmd_decode_use_mrope(mtmd_);
-    const mtmd_image_tokens * image = mtmd_input_chunk_get_tokens_image(part.media);
-    // Positions of these rows, for M-RoPE laid out by section (all t, then y, x, z), as llama_batch
-    // takes them: the image's rows keep the positions they would have in one piece.
-    std::vector<llama_pos> pos((size_t) n * (mrope ? 4 : 1));
-    for (int32_t i = 0; i < n; i++) {
-        if (mrope && image) {
-            const mtmd_decoder_pos p = mtmd_image_tokens_get_decoder_pos(image, seq.n_past, (size_t) (first + i));
-            pos[i] = (llama_pos) p.t;
-            pos[i + n] = (llama_pos) p.y;
-            pos[i + 2 * n] = (llama_pos) p.x;
-            pos[i + 3 * n] = (llama_pos) p.z;
+    const bool in_place = segs.size() == 1 && seq.parts[segs[0].part].media;
+    if (!in_place) rows_buf_.resize((size_t) total * n_embd);
+    std::vector<llama_pos> pos((size_t) total * (mrope ? 4 : 1));
+    const auto set_pos = [&](int32_t r, llama_pos t, llama_pos y, llama_pos x, llama_pos z) {
+        pos[r] = t;
+        if (!mrope) return;
+        pos[r + total] = y;
+        pos[r + 2 * total] = x;
+        pos[r + 3 * total] = z;
+    };
+    llama_pos n_past = seq.n_past;
+    int32_t r = 0;
+    for (const Segment & sg : segs) {
+        const PromptPart & p = seq.parts[sg.part];
+        if (p.media) {
+            if (!in_place) memcpy(rows_buf_.data() + (size_t) r * n_embd, p.embd->data() + (size_t) sg.first * n_embd, (size_t) sg.n * n_embd * sizeof(float));
+            const mtmd_image_tokens * image = mtmd_input_chunk_get_tokens_image(p.media);
+            for (int32_t i = 0; i < sg.n; i++, r++) {
+                if (mrope && image) {
+                    const mtmd_decoder_pos d = mtmd_image_tokens_get_decoder_pos(image, n_past, (size_t) (sg.first + i));
+                    set_pos(r, (llama_pos) d.t, (llama_pos) d.y, (llama_pos) d.x, (llama_pos) d.z);
+                } else {
+                    set_pos(r, n_past + sg.first + i, 0, 0, 0);
+                }
+            }
+            // M-RoPE: what follows an image continues at its start + max(rows, cols), not + cells.
+            if (sg.first + sg.n == p.n_cells()) n_past += mtmd_input_chunk_get_n_pos(p.media);
         } else {
-            pos[i] = seq.n_past + first + i;
+            if (!token_embd_->rows(p.tokens.data() + sg.first, sg.n, rows_buf_.data() + (size_t) r * n_embd)) {
+                finish(seq, "error", "reading the token embeddings failed");
+                return 0;
+            }
+            for (int32_t i = 0; i < sg.n; i++, r++) set_pos(r, n_past + i, n_past + i, n_past + i, n_past + i);
+            n_past += sg.n;
         }
     }
-    std::vector<int32_t> n_seq_id(n, 1);
+
+    std::vector<int32_t> n_seq_id(total, 1);
     llama_seq_id sid = seq.seq_id;
-    std::vector<llama_seq_id *> seq_ids(n, &sid);
-    std::vector<int8_t> logits(n, 0);
+    std::vector<llama_seq_id *> seq_ids(total, &sid);
+    std::vector<int8_t> logits(total, 0);
     llama_batch batch{};
-    batch.n_tokens = n;
-    batch.embd = const_cast<float *>(part.embd->data()) + (size_t) first * n_embd;
+    batch.n_tokens = total;
+    batch.embd = in_place ? const_cast<float *>(seq.parts[segs[0].part].embd->data()) + (size_t) segs[0].first * n_embd : rows_buf_.data();
     batch.pos = pos.data();
     batch.n_seq_id = n_seq_id.data();
     batch.seq_id = seq_ids.data();
     batch.logits = logits.data();
-    return llama_decode(ctx_, batch);
+    const bool whole = !with_text && mtmd_decode_use_non_causal(mtmd_, seq.parts[segs[0].part].media);
+    if (whole) llama_set_causal_attn(ctx_, false);
+    const int32_t rc = llama_decode(ctx_, batch);
+    if (whole) llama_set_causal_attn(ctx_, true);
+    if (rc != 0) {
+        finish(seq, "error", "decoding the prompt's embedding rows failed");
+        return 0;
+    }
+
+    for (const Segment & sg : segs) {
+        PromptPart & p = seq.parts[sg.part];
+        seq.n_cells += sg.n;
+        if (p.media) {
+            p.rows_done += sg.n;
+            if (p.rows_done < p.n_cells()) break;
+            seq.n_past += mtmd_input_chunk_get_n_pos(p.media);
+            p.embd.reset();
+        } else {
+            seq.part_off += sg.n;
+            seq.n_past += sg.n;
+            if (seq.part_off < p.tokens.size()) break;
+        }
+        seq.part++;
+        seq.part_off = 0;
+    }
+    return total;
 }
 
 bool Engine::step() {
@@ -807,43 +876,14 @@ bool Engine::step() {
     }
 
     // The step's budget (--max-num-batched-tokens): every decoding sequence's next token first,
-    // then encoded images' embedding rows, then prompt text. An image larger than what is left
-    // goes in over several steps, in whole ubatches, so its rows meet the same ubatches as in one
-    // piece; it always advances by at least one ubatch.
+    // then prompts, oldest request first: embedding rows (an image prompt's, or an image's) in
+    // llama_decode calls of their own, text into the batch below. Rows larger than what is left
+    // go in over several steps, in whole ubatches, so they meet the same ubatches as in one piece;
+    // when nothing else went in, a prompt advances by one ubatch over the budget.
     bool progress = !out_.empty();
-    uint32_t step_tokens = 0;  // image-embedding rows and batch tokens decoded this step
+    uint32_t step_tokens = 0;  // embedding rows decoded this step (then batch tokens too)
     int32_t budget = (int32_t) opts_.n_batch;
-    for (const auto & seq : running_) {
-        if (!seq.finished && !seq.prefilling()) budget--;
-    }
-    const int32_t ubatch = (int32_t) llama_n_ubatch(ctx_);
-    const auto images_started = Clock::now();
-    for (auto & seq : running_) {
-        if (seq.finished || !seq.prefilling() || !seq.parts[seq.part].media) continue;
-        const PromptPart & part = seq.parts[seq.part];
-        const int32_t left = part.n_cells() - part.rows_done;
-        int32_t allow = left <= budget ? left : std::max(budget, 0) / ubatch * ubatch;
-        if (allow == 0) {
-            if (step_tokens > 0) continue;  // one overrun per step at most
-            allow = std::min(left, ubatch);
-        }
-        if (!seq.pinned) {
-            if (!may_start_resume(seq, free_cells)) continue;
-            allow = (int32_t) std::min<int64_t>(allow, std::max<int64_t>(free_cells, 0));
-            if (allow == 0) continue;
-        }
-        const bool was_finished = seq.finished;
-        const int32_t rows = prefill_image(seq, allow);
-        if (rows < 0) continue;  // still encoding
-        progress = progress || rows > 0 || seq.finished != was_finished;
-        step_tokens += (uint32_t) rows;
-        budget -= rows;
-        if (!seq.pinned) free_cells -= rows;
-    }
-    if (step_tokens > 0) model_ns_ += ns_between(images_started, Clock::now());
-
-    // One batch: every decoding sequence's next token, then prompt text up to the budget, oldest
-    // request first. `take` is a sequence's prompt tokens this step; -1: its next token.
+    // The batch: `take` is a sequence's prompt tokens this step; -1: its next token.
     struct Rows {
         Sequence * seq;
         int32_t take;
@@ -855,13 +895,44 @@ bool Engine::step() {
         if (seq.finished || seq.prefilling()) continue;
         rows.push_back({&seq, -1});
         decoding++;
+        budget--;
     }
-    int32_t text_budget = budget;
+    int32_t planned = 0;  // prompt tokens put in the batch so far
+    const int32_t ubatch = (int32_t) llama_n_ubatch(ctx_);
     for (auto & seq : running_) {
+        if (seq.finished || !seq.prefilling()) continue;
+        // An image prompt, with the token-embedding table: all of it but its last token, as
+        // embedding rows, once its images are encoded (its last token goes in the batch, whose
+        // logits give the first output). Otherwise: the current image's rows only.
+        const bool with_text = prompt_as_rows(seq);
+        const PromptPart & part = seq.parts[seq.part];
+        const int32_t left = with_text ? seq.prefill_left() - 1 : part.media ? part.n_cells() - part.rows_done : 0;
+        if (left > 0) {
+            int32_t allow = left <= budget ? left : std::max(budget, 0) / ubatch * ubatch;
+            if (allow == 0 && step_tokens == 0 && planned == 0) allow = std::min(left, ubatch);
+            if (allow > 0 && !seq.pinned) {
+                allow = may_start_resume(seq, free_cells) ? (int32_t) std::min<int64_t>(allow, std::max<int64_t>(free_cells, 0)) : 0;
+            }
+            if (allow > 0) {
+                const auto started = Clock::now();
+                const bool was_finished = seq.finished;
+                const int32_t n = prefill_rows(seq, allow, with_text);
+                model_ns_ += ns_between(started, Clock::now());
+                if (n > 0) {
+                    progress = true;
+                    step_tokens += (uint32_t) n;
+                    budget -= n;
+                    if (!seq.pinned) free_cells -= n;
+                }
+                progress = progress || seq.finished != was_finished;
+            }
+        }
+        // Text: a text prompt's, or the last token of an image prompt whose rows are all in.
         if (seq.finished || !seq.prefilling() || seq.parts[seq.part].media) continue;
-        if (text_budget <= 0) break;
+        if (with_text && seq.prefill_left() != 1) continue;
+        if (budget <= 0) continue;
         const auto & toks = seq.parts[seq.part].tokens;
-        int32_t take = std::min<int32_t>(text_budget, (int32_t) (toks.size() - seq.part_off));
+        int32_t take = std::min<int32_t>(budget, (int32_t) (toks.size() - seq.part_off));
         if (!seq.pinned) {
             if (!may_start_resume(seq, free_cells)) continue;
             take = (int32_t) std::min<int64_t>(take, std::max<int64_t>(free_cells, 0));
@@ -869,7 +940,8 @@ bool Engine::step() {
             free_cells -= take;
         }
         rows.push_back({&seq, take});
-        text_budget -= take;
+        budget -= take;
+        planned += take;
     }
     // The rows go in sequence-id order. With a KV stream per sequence, llama.cpp cuts a batch into
     // ubatches of consecutive sequence ids, scanning in batch order, and each ubatch is one pass

@@ -8,6 +8,7 @@
 #include "llama.h"
 #include "parallel-for.h"
 #include "prompt-prep.h"
+#include "token-embeddings.h"
 #include "mtmd.h"
 #include "sequence.h"
 #include "types.h"
@@ -86,10 +87,16 @@ class Engine {
     PreparedPrompt prepare(const std::string & prompt, std::vector<ImagePtr> && images) const;  // prep thread
     void prepare_ahead();                  // hands the next waiting requests to the prep thread
     void forget_prepared(int64_t id);      // a waiting request ended
-    // Decodes up to max_rows rows of the current image's embeddings into the KV cache; returns the
-    // rows decoded, or -1 while the image is still being encoded.
-    int32_t prefill_image(Sequence & seq, int32_t max_rows);
-    int32_t decode_image_rows(const Sequence & seq, const PromptPart & part, int32_t first, int32_t n);
+    // Decodes up to max_rows of a sequence's prompt as embedding rows, in one llama_decode: the
+    // current image's rows, or with_text, every part's (text as token embeddings) once all its
+    // images are encoded. Returns the rows decoded, or -1 while an image it needs is encoding.
+    int32_t prefill_rows(Sequence & seq, int32_t max_rows, bool with_text);
+    // Takes the current image's (or all: every remaining image's) embeddings from the vision
+    // worker: 1 when all are here, -1 while one is encoding, 0 if one failed (seq finished).
+    int32_t take_encoded_images(Sequence & seq, bool all);
+    // Whether the prompt goes in as embedding rows (an image prompt, and the table is readable):
+    // its text then shares the image's llama_decode instead of ubatches of its own.
+    bool prompt_as_rows(const Sequence & seq) const;
     void submit_images(Sequence & seq);  // queued in vision_jobs_, handed over by submit_queued_images()
     void submit_queued_images();
     int64_t cells_committed(bool with_prefill) const;  // reserved (pinned) + used (+ still to prefill) cells
@@ -155,6 +162,8 @@ class Engine {
     // running ones stay packed at the low ids (see step()).
     std::set<llama_seq_id> free_seq_ids_;
     std::vector<VisionWorker::Job> vision_jobs_;  // this step's images, for the vision worker
+    std::unique_ptr<TokenEmbeddings> token_embd_;  // image prompts' text as rows (null: in token batches)
+    std::vector<float> rows_buf_;                 // a prompt chunk's embedding rows, gathered
     int64_t reserved_cells_ = 0;
     std::vector<Event> out_;
 

@@ -103,6 +103,7 @@ struct EngineOptions {
     uint32_t max_model_len = 0;     // per-sequence limit in cells, 0 = n_ctx
     uint32_t max_seqs = 8;
     uint32_t n_batch = 512;
+    uint32_t n_ubatch = 0;          // llama.cpp's ubatch (rows per pass over the weights); 0 = min(n_batch, 512)
     int32_t n_threads = 0;
     int32_t n_vision_threads = 0;   // 0 = a quarter of the threads, at least 1
     int32_t n_sampling_threads = 0; // 0 = the decode threads (at most 8) for large vocabularies, else 1

@@ -26,6 +26,8 @@ export interface EngineOptions {
   maxSeqs: number;
   /** Most tokens in one llama_decode batch (prefill chunks + decode tokens). */
   nBatch: number;
+  /** llama.cpp's ubatch: rows per pass over the weights (default min(nBatch, 512)). */
+  nUbatch?: number;
   /** CPU threads for decode; 0 = the cores left after the vision worker's. */
   nThreads?: number;
   /**

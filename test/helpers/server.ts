@@ -31,10 +31,10 @@ export interface TestServerOptions {
 }
 
 export async function startTestServer(opts: TestServerOptions = {}): Promise<TestServer> {
-  const { model, mmproj } = await tinyModel();
+  const tiny = await tinyModel();
   const engineOptions: EngineOptions = {
-    model,
-    mmproj: opts.textOnly ? undefined : mmproj,
+    model: tiny.model,
+    mmproj: opts.textOnly ? undefined : tiny.mmproj,
     nCtx: 4096,
     maxSeqs: 8,
     nBatch: 512,
@@ -48,7 +48,7 @@ export async function startTestServer(opts: TestServerOptions = {}): Promise<Tes
     app = buildServer({
       engine,
       servedModelNames: ['caprl'],
-      modelPath: model,
+      modelPath: engineOptions.model,
       maxModelLen: engineOptions.maxModelLen,
       maxNumSeqs: engineOptions.maxSeqs,
       ...opts.server,
@@ -68,8 +68,8 @@ export async function startTestServer(opts: TestServerOptions = {}): Promise<Tes
     client: new OpenAI({ baseURL, apiKey: 'x', maxRetries: 0, timeout: 120_000 }),
     engine,
     app,
-    model,
-    mmproj,
+    model: engineOptions.model,
+    mmproj: engineOptions.mmproj ?? tiny.mmproj,
     async close() {
       await app.close();
       await engine.close();
