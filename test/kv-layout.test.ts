@@ -3,7 +3,7 @@
 // Decoding must not depend on it: batching, n choices (copied across streams) and images.
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { Engine, type EngineImage } from '../src/engine/engine.js';
 import { greedy } from './helpers/engine-inputs.js';
 import { tinyModel } from './helpers/models.js';
@@ -107,24 +107,47 @@ t.test('a stream per sequence, sampled on 3 threads, sequence ids reused out of 
   }
 });
 
-t.test('a stream per sequence: sequences decoding together are one ubatch, holes in the ids or not', async (t) => {
-  // llama.cpp cuts a batch for per-sequence streams into ubatches of consecutive sequence ids, each
-  // a pass over the weights. Read from its own batch debug output, in a child process.
-  const { model } = await tinyModel();
+/** Runs helpers/ubatch-child.js with llama.cpp's batch debug output on; its stdout as JSON and
+ * the ubatches it logged between its markers. */
+async function ubatchChild(t: Test, args: string[]): Promise<{ out: Record<string, unknown>; ubatches: { tokens: number; seqTokens: number; seqs: number }[] }> {
   const script = fileURLToPath(new URL('./helpers/ubatch-child.js', import.meta.url));
-  const child = spawn(process.execPath, [script, model], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LLAMA_BATCH_DEBUG: '1' } });
+  const child = spawn(process.execPath, [script, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LLAMA_BATCH_DEBUG: '1' } });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));
   child.stderr.on('data', (d) => (stderr += d));
   const code = await new Promise<number | null>((r) => child.on('close', r));
   t.equal(code, 0, stderr.slice(-2000));
-  const out = JSON.parse(stdout) as { layout: string; moves: number; alone: number[][]; together: number[][] };
-  t.equal(out.layout, 'per-sequence');
-  t.equal(out.moves, 1, 'one stream copied: the last survivor, into the first hole');
-  t.same(out.together, out.alone, 'the long requests (one moved to a lower id when the others ended) get their tokens alone');
   const phase = stderr.slice(stderr.indexOf('\nBEGIN\n'), stderr.indexOf('\nEND\n'));
-  const seqsPerUbatch = [...phase.matchAll(/n_seqs\s*=\s*(\d+)/g)].map((m) => Number(m[1]));
-  t.ok(seqsPerUbatch.length >= 24, `${seqsPerUbatch.length} ubatches read from llama.cpp's debug output`);
-  t.same(seqsPerUbatch.filter((n) => n < 2), [], 'no ubatch holds a single sequence: 4, then 2 decoding, one pass each step');
+  // Each ubatch: "added ubatch to split:" then its n_tokens, n_seq_tokens, n_seqs lines.
+  const ubatches = phase.split('added ubatch to split').slice(1).map((block) => {
+    const num = (name: string) => Number(new RegExp(`${name}\\s*=\\s*(\\d+)`).exec(block)?.[1] ?? NaN);
+    return { tokens: num('n_tokens'), seqTokens: num('n_seq_tokens'), seqs: num('n_seqs') };
+  });
+  return { out: JSON.parse(stdout) as Record<string, unknown>, ubatches };
+}
+
+t.test('a stream per sequence: sequences decoding together are one ubatch, holes in the ids or not', async (t) => {
+  // llama.cpp cuts a batch for per-sequence streams into ubatches of consecutive sequence ids, each
+  // a pass over the weights. Read from its own batch debug output, in a child process.
+  const { model } = await tinyModel();
+  const { out, ubatches } = await ubatchChild(t, ['text', model]);
+  t.equal(out.layout, 'per-sequence');
+  t.equal(out.moves, 2, 'one stream copied each time: the last survivor, into the first hole');
+  const alone = out.alone as number[][];
+  t.same(out.together, [...alone, ...alone], 'the long requests (one moved to a lower id when the others ended) get their tokens alone');
+  t.ok(ubatches.length >= 48, `${ubatches.length} ubatches read from llama.cpp's debug output`);
+  t.same(ubatches.filter((u) => u.seqs < 2).map((u) => u.seqs), [], 'no ubatch holds a single sequence: 4, then 2 decoding, one pass each step');
+});
+
+t.test('a stream per sequence: an image prompt is one prefill pass, its text included', async (t) => {
+  // Its text before and after the image would otherwise be ubatches of their own (a ubatch takes
+  // as many tokens from each of its sequences).
+  const { model, mmproj } = await tinyModel();
+  const { out, ubatches } = await ubatchChild(t, ['image', model, mmproj]);
+  t.equal(out.layout, 'per-sequence');
+  const prompt = out.promptTokens as number;
+  t.ok(prompt > 64, `${prompt} prompt tokens, 64 of them the image's`);
+  t.same(ubatches.filter((u) => u.seqTokens > 1).map((u) => u.tokens), [prompt - 1], 'one ubatch of every prompt row but the last');
+  t.equal(ubatches.length, 5, `then the last prompt token, then the first three tokens drawn, one a step: ${JSON.stringify(ubatches)}`);
 });
