@@ -136,7 +136,7 @@ t.test('a stream per sequence: sequences decoding together are one ubatch, holes
   t.equal(out.moves, 2, 'one stream copied each time: the last survivor, into the first hole');
   const alone = out.alone as number[][];
   t.same(out.together, [...alone, ...alone], 'the long requests (one moved to a lower id when the others ended) get their tokens alone');
-  t.ok(ubatches.length >= 48, `${ubatches.length} ubatches read from llama.cpp's debug output`);
+  t.ok(ubatches.length >= 30, `${ubatches.length} ubatches read from llama.cpp's debug output`);
   t.same(ubatches.filter((u) => u.seqs < 2).map((u) => u.seqs), [], 'no ubatch holds a single sequence: 4, then 2 decoding, one pass each step');
 });
 
