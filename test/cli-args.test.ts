@@ -86,6 +86,8 @@ t.test('serve flags -> config -> engine options', async (t) => {
     model, mmproj, nCtx: 65536, maxModelLen: 65536, maxSeqs: 4, nBatch: 512, nThreads: 8, nGpuLayers: 0, chatTemplate: '{{ messages }}',
   });
   t.equal(c.seed, 42);
+  t.equal(engineOptionsFor(parse([model, '--ubatch-size', '1024', '--max-num-batched-tokens', '4096']), []).nUbatch, 1024, '--ubatch-size');
+  t.equal(engineOptionsFor(d, []).nUbatch, undefined, 'no --ubatch-size: the engine picks');
   t.equal(c.logLevel, 'warn');
 
   const bad = (argv: string[], message: RegExp) =>
@@ -96,6 +98,7 @@ t.test('serve flags -> config -> engine options', async (t) => {
   bad([model, '--model', mmproj], /given twice/);
   bad([model, '--port', '70000'], /--port/);
   bad([model, '--max-num-seqs', '0'], /--max-num-seqs: must be at least 1/);
+  bad([model, '--ubatch-size', '0'], /--ubatch-size: must be at least 1/);
   bad([model, '--max-model-len', '4096', '--kv-cache-tokens', '1024'], /at least --max-model-len/);
   bad([model, '--chat-template', 'templates/missing.jinja'], /looks like a file path/);
   t.same(parse([model, '--model', model]).model, model, 'same model twice is fine');

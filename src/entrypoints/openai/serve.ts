@@ -42,6 +42,7 @@ export const SERVE_SPEC: CommandSpec = {
     { name: 'kv-cache-memory-bytes', type: 'int', dest: 'kvCacheMemoryBytes', metavar: 'BYTES', help: 'KV cache size in bytes, as vLLM: as many tokens as fit (overrides --gpu-memory-utilization)' },
     { name: 'max-num-seqs', type: 'int', dest: 'maxNumSeqs', help: `most requests decoded together (default: ${SERVE_DEFAULTS.maxNumSeqs})` },
     { name: 'max-num-batched-tokens', type: 'int', dest: 'maxNumBatchedTokens', help: `most tokens in one engine step (default: ${SERVE_DEFAULTS.maxNumBatchedTokens})` },
+    { name: 'ubatch-size', type: 'int', dest: 'ubatchSize', help: "rows per pass over the weights, as llama-server's -ub: a longer prompt chunk goes in several (default: min(--max-num-batched-tokens, 512))" },
     { name: 'threads', type: 'int', dest: 'threads', help: 'CPU threads (default: 0 = llama.cpp picks)' },
     { name: 'n-gpu-layers', type: 'int', dest: 'nGpuLayers', help: 'layers offloaded to the GPU, -1 = all (default: -1; ignored on CPU builds)' },
     { name: 'vision-encoder', type: 'string', dest: 'visionEncoder', choices: ['llama.cpp', 'caprl'], help: "image encoder: llama.cpp's clip (one image at a time) or caprl's batched Qwen2.5-VL encoder (default: llama.cpp)" },
@@ -64,6 +65,8 @@ export interface ServeConfig {
   kvCache: KvCacheFlags;
   maxNumSeqs: number;
   maxNumBatchedTokens: number;
+  /** Unset: min(maxNumBatchedTokens, 512), llama.cpp's default. */
+  ubatchSize?: number;
   threads: number;
   nGpuLayers: number;
   /** Unset: the engine's default (llama.cpp). */
@@ -139,6 +142,7 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
     kvCache,
     maxNumSeqs: positive('maxNumSeqs', 'max-num-seqs', SERVE_DEFAULTS.maxNumSeqs),
     maxNumBatchedTokens: positive('maxNumBatchedTokens', 'max-num-batched-tokens', SERVE_DEFAULTS.maxNumBatchedTokens),
+    ubatchSize: values.ubatchSize === undefined ? undefined : positive('ubatchSize', 'ubatch-size', 512),
     threads,
     nGpuLayers: int(values, 'nGpuLayers') ?? SERVE_DEFAULTS.nGpuLayers,
     visionEncoder: str(values, 'visionEncoder') as VisionEncoderKind | undefined,
@@ -162,6 +166,7 @@ export function engineOptionsFor(cfg: ServeConfig, gpus: readonly GpuDevice[] = 
     maxModelLen: cfg.maxModelLen,
     maxSeqs: cfg.maxNumSeqs,
     nBatch: cfg.maxNumBatchedTokens,
+    ...(cfg.ubatchSize !== undefined ? { nUbatch: cfg.ubatchSize } : {}),
     nThreads: cfg.threads,
     nGpuLayers: cfg.nGpuLayers,
     visionEncoder: cfg.visionEncoder,
