@@ -252,6 +252,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("nCtxTrain", i.n_ctx_train);
         o.Set("nVocab", i.n_vocab);
         o.Set("hasVision", i.has_vision);
+        o.Set("imagePromptRows", i.image_prompt_rows);
         Napi::Array devs = Napi::Array::New(env, i.devices.size());
         for (size_t k = 0; k < i.devices.size(); k++) devs.Set((uint32_t) k, i.devices[k]);
         o.Set("devices", devs);

@@ -192,6 +192,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     info_.n_ctx_train = llama_model_n_ctx_train(model_);
     info_.n_vocab = n_vocab;
     info_.has_vision = mtmd_ && mtmd_support_vision(mtmd_);
+    info_.image_prompt_rows = token_embd_ != nullptr;
     if (caprl_vision_) info_.vision_encoder = {"caprl", caprl_vision_->max_patches(), caprl_vision_->memory()};
     info_.max_seqs = opts_.max_seqs;
     info_.n_layers = llama_model_n_layer(model_) + 1;

@@ -38,6 +38,7 @@ struct EngineInfo {
     int32_t n_ctx_train = 0;
     int32_t n_vocab = 0;
     bool has_vision = false;
+    bool image_prompt_rows = false;  // image prompts go in as one run of embedding rows (token table readable)
     std::vector<std::string> devices;
     uint32_t max_seqs = 0;
     int32_t n_layers = 0;          // repeating layers + output layer, as llama.cpp counts for offload

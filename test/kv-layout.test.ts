@@ -25,6 +25,7 @@ t.test('the layout follows the size', async (t) => {
   }
   const noLimit = new Engine({ model, nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
   t.equal(noLimit.info.kvCache.layout, 'unified', 'no --max-model-len: one pool');
+  t.equal(noLimit.info.imagePromptRows, false, 'no mmproj: no image prompts');
   await noLimit.close();
 });
 
@@ -33,6 +34,7 @@ t.test('a stream per sequence: batching, n choices, full length and images', asy
   const engine = new Engine({ model, mmproj, nCtx: 4 * 512, maxModelLen: 512, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
   t.teardown(() => engine.close());
   t.equal(engine.info.kvCache.layout, 'per-sequence');
+  t.equal(engine.info.imagePromptRows, true, 'image prompts go in as embedding rows (the token table is readable)');
 
   const solo: number[][] = [];
   for (let i = 0; i < 4; i++) solo.push((await run(engine, prompt(i), 1, 24))[0]!);

@@ -191,6 +191,11 @@ export interface EngineInfo {
   nCtxTrain: number;
   nVocab: number;
   hasVision: boolean;
+  /**
+   * Image prompts go in as one run of embedding rows, their text read from the model's token-embedding
+   * table (one prefill pass each); false: their text goes in token batches (the table is not readable).
+   */
+  imagePromptRows: boolean;
   /** Backend devices in use, e.g. ["CPU"] or ["CUDA0 (NVIDIA H100 80GB HBM3, 81559 MiB)"]. */
   devices: string[];
   /** Most sequences decoded at once (EngineOptions.maxSeqs): the cap on n. */

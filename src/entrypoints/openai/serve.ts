@@ -222,6 +222,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   if (cfg.vllm.allowedLocalMediaPath) app.log.warn(`file:// images may be read from ${cfg.vllm.allowedLocalMediaPath} (--allowed-local-media-path)`);
   const info = engine.info;
   if (cfg.mmproj && !info.hasVision) app.log.warn(`${cfg.mmproj} loaded but reports no vision support`);
+  if (info.hasVision && !info.imagePromptRows) app.log.warn("the model's token-embedding table cannot be read: image prompts' text goes in passes of its own");
   if (!cfg.mmproj) app.log.warn('no --mmproj given: image requests will be refused');
 
   let address: string;
