@@ -481,7 +481,33 @@ void Engine::prepare_ahead() {
 
 void Engine::forget_prepared(int64_t id) {
     if (prep_sent_.erase(id)) prep_->drop(id);
-    prepared_.erase(id);
+    auto it = prepared_.find(id);
+    if (it == prepared_.end()) return;
+    for (const auto & part : it->second.parts) {
+        if (part.vision_key) vision_->drop(part.vision_key);
+    }
+    prepared_.erase(it);
+}
+
+void Engine::encode_waiting() {
+    // Requests waiting for a sequence slot or KV room (the prepared ones, at most --max-num-seqs
+    // ahead) have their images encoded meanwhile, beside the decoding, in line order: admitted,
+    // they prefill at once. Their embeddings wait for them in the vision worker.
+    if (!vision_) return;
+    size_t k = 0;
+    for (const auto & req : waiting_) {
+        if (k++ >= opts_.max_seqs) break;
+        auto it = prepared_.find(req.id);
+        if (it == prepared_.end()) {
+            PreparedPrompt p;
+            if (!prep_->take(req.id, p)) continue;
+            it = prepared_.emplace(req.id, std::move(p)).first;
+        }
+        PreparedPrompt & p = it->second;
+        if (!p.error.empty() || p.images_queued) continue;
+        queue_images(p.parts, p.chunks, p.images);
+        p.images_queued = true;
+    }
 }
 
 void Engine::admit() {
@@ -561,16 +587,20 @@ void Engine::admit() {
     }
 }
 
-void Engine::submit_images(Sequence & seq) {
-    // Encode every image now, off this thread; decoding goes on meanwhile. The k-th image part
-    // is the request's k-th image (our encoder preprocesses the pixels itself).
+void Engine::submit_images(Sequence & seq) { queue_images(seq.parts, seq.chunks, seq.req.images); }
+
+void Engine::queue_images(std::vector<PromptPart> & parts, const SharedChunks & chunks, const std::vector<ImagePtr> & images) {
+    // Encode every image not handed over yet (one queued while its request waited is), off this
+    // thread; decoding goes on meanwhile. The k-th image part is the request's k-th image (our
+    // encoder preprocesses the pixels itself).
     size_t k = 0;
-    for (auto & part : seq.parts) {
+    for (auto & part : parts) {
         if (!part.media) continue;
-        part.vision_key = next_vision_key_++;
-        ImagePtr img = k < seq.req.images.size() ? seq.req.images[k] : nullptr;
+        ImagePtr img = k < images.size() ? images[k] : nullptr;
         k++;
-        vision_jobs_.push_back(VisionWorker::Job{part.vision_key, seq.chunks, part.media, std::move(img)});
+        if (part.vision_key || part.embd) continue;
+        part.vision_key = next_vision_key_++;
+        vision_jobs_.push_back(VisionWorker::Job{part.vision_key, chunks, part.media, std::move(img)});
     }
 }
 
@@ -859,6 +889,8 @@ bool Engine::step() {
     prepare_ahead();
     admit();
     prepare_ahead();
+    encode_waiting();
+    submit_queued_images();  // admitted this step, and waiting: one hand-over, one encoder pass
     n_running_ = (uint32_t) running_.size();
     n_waiting_ = (uint32_t) waiting_.size();
     if (running_.empty()) {
@@ -868,7 +900,7 @@ bool Engine::step() {
     const auto step_started = Clock::now();
 
     make_room();
-    submit_queued_images();  // admitted and preempted this step: one hand-over, one encoder pass
+    submit_queued_images();  // preempted this step
     pack_decoding_streams();
     // Cells unpinned prompts may take this step, after every decoding sequence's next token.
     int64_t free_cells = (int64_t) info_.n_ctx - cells_committed(false);

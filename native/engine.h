@@ -88,6 +88,7 @@ class Engine {
     PreparedPrompt prepare(const std::string & prompt, std::vector<ImagePtr> && images) const;  // prep thread
     void prepare_ahead();                  // hands the next waiting requests to the prep thread
     void forget_prepared(int64_t id);      // a waiting request ended
+    void encode_waiting();                 // prepared waiting requests' images to the vision worker
     // Decodes up to max_rows of a sequence's prompt as embedding rows, in one llama_decode: the
     // current image's rows, or with_text, every part's (text as token embeddings) once all its
     // images are encoded. Returns the rows decoded, or -1 while an image it needs is encoding.
@@ -99,6 +100,7 @@ class Engine {
     // its text then shares the image's llama_decode instead of ubatches of its own.
     bool prompt_as_rows(const Sequence & seq) const;
     void submit_images(Sequence & seq);  // queued in vision_jobs_, handed over by submit_queued_images()
+    void queue_images(std::vector<PromptPart> & parts, const SharedChunks & chunks, const std::vector<ImagePtr> & images);
     void submit_queued_images();
     int64_t cells_committed(bool with_prefill) const;  // reserved (pinned) + used (+ still to prefill) cells
     void make_room();                      // preempts the youngest unpinned sequences until this step fits

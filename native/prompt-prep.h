@@ -21,6 +21,7 @@ struct PreparedPrompt {
     std::vector<PromptPart> parts;
     int32_t prompt_cells = 0;
     std::vector<ImagePtr> images;  // the request's images, handed back (our encoder reads the pixels)
+    bool images_queued = false;    // handed to the vision worker while the request waits
 };
 
 struct PromptJob {

@@ -38,11 +38,13 @@ t.test('prompt preparation', async (t) => {
     const m = engine.info.mediaMarker;
     // A 1036x1036 image takes far longer to prepare than a text prompt: admission must still take
     // them in order (with one slot, finishes arrive in admission order). A bad prompt needs no
-    // slot: it is answered as soon as it reaches the head of the line, while request 1 still runs.
+    // slot: it is answered as soon as it reaches the head of the line, while request 1 still runs
+    // (60 tokens: time enough for request 2 to be prepared once request 1 is admitted; with 2
+    // tokens it raced the preparation and sometimes finished first).
     const order: number[] = [];
     const runs = [
       start(engine, chat(`${m}Describe.`), [image(1036, 3)], 2, order, 0),
-      start(engine, chat('text one'), [], 2, order, 1),
+      start(engine, chat('text one'), [], 60, order, 1),
       start(engine, chat('no marker for this image'), [image(56, 5)], 2, order, 2),
       start(engine, chat(`${m}A small one.`), [image(56, 7)], 2, order, 3),
       start(engine, chat('text two'), [], 2, order, 4),
@@ -143,4 +145,40 @@ t.test('prompt preparation', async (t) => {
     t.ok(out.waited, 'the image request was prepared before it could be admitted');
     t.notMatch(stderr, /mtmd_tokenize/, 'no second preparation');
   });
+});
+
+t.test("a waiting request's images are encoded before it is admitted", async (t) => {
+  // One sequence slot, held by a long text request: the image request waits, prepared, and its
+  // image goes to the vision worker meanwhile (the worker counts it as a cache miss at hand-over).
+  const { model, mmproj } = await tinyModel();
+  const engine = new Engine({ model, mmproj, visionEncoder: 'caprl', nCtx: 4096, maxSeqs: 1, nBatch: 512, nThreads: 1, logLevel: 'error' });
+  t.teardown(() => engine.close());
+  const chat = (text: string) => `<|im_start|>user\n${text}<|im_end|>\n<|im_start|>assistant\n`;
+  const holder = engine.generate({ prompt: chat('hold the slot'), images: [], sampling: greedy(3000) });
+  const pictured = engine.generate({ prompt: chat(`${engine.info.mediaMarker}Describe.`), images: [image(448, 41)], sampling: greedy(4) });
+  let queuedWhileWaiting = false;
+  const holderDone = (async () => {
+    for await (const ev of holder) {
+      const s = engine.stats();
+      if (!queuedWhileWaiting && s.waiting === 1 && s.running === 1 && s.imageCacheMisses === 1) {
+        queuedWhileWaiting = true;
+        holder.cancel();
+      }
+      if (ev.finish) return ev.finish.reason;
+    }
+    return undefined;
+  })();
+  let imageFinish: string | undefined;
+  let encode = 0;
+  for await (const ev of pictured) {
+    if (ev.finish) {
+      imageFinish = ev.finish.reason;
+      encode = ev.finish.timings?.imageEncode ?? 0;
+    }
+  }
+  t.ok(queuedWhileWaiting, 'its image was handed to the vision worker while it waited for the slot');
+  t.equal(await holderDone, 'abort');
+  t.equal(imageFinish, 'length', 'then admitted, it ran to its end');
+  t.ok(encode > 0, `its image was encoded (${encode} s)`);
+  t.equal(engine.stats().imageCacheMisses, 1, 'once');
 });
