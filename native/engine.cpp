@@ -489,6 +489,16 @@ void Engine::forget_prepared(int64_t id) {
     prepared_.erase(it);
 }
 
+PreparedPrompt * Engine::prepared_prompt(int64_t id) {
+    auto it = prepared_.find(id);
+    if (it != prepared_.end()) return &it->second;
+    PreparedPrompt p;
+    if (!prep_->take(id, p)) return nullptr;
+    // It stays in prep_sent_ until it leaves waiting_: while it waits for KV cells,
+    // prepare_ahead must not hand it to the prep thread again (its images are gone).
+    return &prepared_.emplace(id, std::move(p)).first->second;
+}
+
 void Engine::encode_waiting() {
     // Requests waiting for a sequence slot or KV room (the prepared ones, at most --max-num-seqs
     // ahead) have their images encoded meanwhile, beside the decoding, in line order: admitted,
@@ -497,16 +507,10 @@ void Engine::encode_waiting() {
     size_t k = 0;
     for (const auto & req : waiting_) {
         if (k++ >= opts_.max_seqs) break;
-        auto it = prepared_.find(req.id);
-        if (it == prepared_.end()) {
-            PreparedPrompt p;
-            if (!prep_->take(req.id, p)) continue;
-            it = prepared_.emplace(req.id, std::move(p)).first;
-        }
-        PreparedPrompt & p = it->second;
-        if (!p.error.empty() || p.images_queued) continue;
-        queue_images(p.parts, p.chunks, p.images);
-        p.images_queued = true;
+        PreparedPrompt * p = prepared_prompt(req.id);
+        if (!p || !p->error.empty() || p->images_queued) continue;
+        queue_images(p->parts, p->chunks, p->images);
+        p->images_queued = true;
     }
 }
 
@@ -521,32 +525,26 @@ void Engine::admit() {
             continue;
         }
         const int64_t id = waiting_.front().id;
-        auto ready = prepared_.find(id);
-        if (ready == prepared_.end()) {
-            PreparedPrompt p;
-            if (!prep_->take(id, p)) break;  // still being prepared: admission stays in order
-            // It stays in prep_sent_ until it leaves waiting_: while it waits for KV cells,
-            // prepare_ahead must not hand it to the prep thread again (its images are gone).
-            ready = prepared_.emplace(id, std::move(p)).first;
-        }
-        const int32_t prompt_cells = ready->second.prompt_cells;
+        PreparedPrompt * ready = prepared_prompt(id);
+        if (!ready) break;  // still being prepared: admission stays in order
+        const int32_t prompt_cells = ready->prompt_cells;
         int64_t out_cells = std::min<int64_t>(std::max(waiting_.front().sampling.max_tokens, 1), (int64_t) max_model_len_ - prompt_cells);
-        if (ready->second.error.empty() && n > 1 && prompt_cells + n * out_cells > (int64_t) info_.n_ctx) {
+        if (ready->error.empty() && n > 1 && prompt_cells + n * out_cells > (int64_t) info_.n_ctx) {
             // The n choices at max_tokens would not fit the pool even alone. Each stops ("length")
             // where its share of the pool ends; running the pool out mid-step instead would fail
             // every sequence of that step, other requests' too.
             out_cells = ((int64_t) info_.n_ctx - prompt_cells) / n;
             if (out_cells < 1) {
-                ready->second.error = std::to_string(n) + " choices of this " + std::to_string(prompt_cells) +
+                ready->error = std::to_string(n) + " choices of this " + std::to_string(prompt_cells) +
                                       "-token prompt do not fit the KV cache (" + std::to_string(info_.n_ctx) + " tokens): lower n";
             } else {
                 waiting_.front().sampling.max_tokens = (int32_t) out_cells;
             }
         }
-        if (!ready->second.error.empty()) {
-            end_unadmitted(waiting_.front(), "error", ready->second.prompt_cells, ready->second.error);
+        if (!ready->error.empty()) {
+            end_unadmitted(waiting_.front(), "error", ready->prompt_cells, ready->error);
             prep_sent_.erase(id);
-            prepared_.erase(ready);
+            prepared_.erase(id);
             waiting_.pop_front();
             continue;
         }
@@ -562,11 +560,11 @@ void Engine::admit() {
         if (cells_committed(true) + want + growth_watermark() > (int64_t) info_.n_ctx) break;  // not enough free cells yet
         seq.req = std::move(waiting_.front());
         waiting_.pop_front();
-        seq.chunks = std::move(ready->second.chunks);
-        seq.parts = std::move(ready->second.parts);
-        seq.req.images = std::move(ready->second.images);
+        seq.chunks = std::move(ready->chunks);
+        seq.parts = std::move(ready->parts);
+        seq.req.images = std::move(ready->images);
         prep_sent_.erase(id);
-        prepared_.erase(ready);
+        prepared_.erase(id);
         seq.orig_parts = seq.parts.size();
         if (n > 1) {
             // Choices 1..n-1 each hold an equal share of the output cells; choice 0 holds the rest.
@@ -780,6 +778,9 @@ int32_t Engine::take_encoded_images(Sequence & seq, bool all) {
 int32_t Engine::prefill_rows(Sequence & seq, int32_t max_rows, bool with_text) {
     const int32_t ready = take_encoded_images(seq, with_text);
     if (ready <= 0) return ready;
+    // A model that attends within an image both ways (mtmd says which) takes it in one piece.
+    const PromptPart & current = seq.parts[seq.part];
+    const bool whole = !with_text && current.media && mtmd_decode_use_non_causal(mtmd_, current.media);
     // The rows: from the current part on, up to max_rows; without text, the current image only.
     struct Segment {
         size_t part;
@@ -792,9 +793,7 @@ int32_t Engine::prefill_rows(Sequence & seq, int32_t max_rows, bool with_text) {
         const PromptPart & p = seq.parts[i];
         if (!p.media && !with_text) break;
         const int32_t done = i == seq.part ? (p.media ? p.rows_done : (int32_t) seq.part_off) : 0;
-        int32_t k = std::min(max_rows - total, p.n_cells() - done);
-        // A model that attends within an image both ways (mtmd says which) takes it in one piece.
-        if (!with_text && mtmd_decode_use_non_causal(mtmd_, p.media)) k = p.n_cells() - done;
+        const int32_t k = whole ? p.n_cells() - done : std::min(max_rows - total, p.n_cells() - done);
         if (k > 0) segs.push_back({i, done, k});
         total += k;
         if (!with_text) break;
@@ -855,7 +854,6 @@ int32_t Engine::prefill_rows(Sequence & seq, int32_t max_rows, bool with_text) {
     batch.n_seq_id = n_seq_id.data();
     batch.seq_id = seq_ids.data();
     batch.logits = logits.data();
-    const bool whole = !with_text && mtmd_decode_use_non_causal(mtmd_, seq.parts[segs[0].part].media);
     if (whole) llama_set_causal_attn(ctx_, false);
     const int32_t rc = llama_decode(ctx_, batch);
     if (whole) llama_set_causal_attn(ctx_, true);
@@ -932,6 +930,13 @@ bool Engine::step() {
     }
     int32_t planned = 0;  // prompt tokens put in the batch so far
     const int32_t ubatch = (int32_t) llama_n_ubatch(ctx_);
+    // Of n prompt cells, what a sequence may take now: an unpinned one only free cells, and none
+    // while it waits to resume after a preemption.
+    const auto room_for = [&](const Sequence & seq, int32_t n) -> int32_t {
+        if (seq.pinned) return n;
+        if (!may_start_resume(seq, free_cells)) return 0;
+        return (int32_t) std::min<int64_t>(n, std::max<int64_t>(free_cells, 0));
+    };
     for (auto & seq : running_) {
         if (seq.finished || !seq.prefilling()) continue;
         // An image prompt, with the token-embedding table: all of it but its last token, as
@@ -943,9 +948,7 @@ bool Engine::step() {
         if (left > 0) {
             int32_t allow = left <= budget ? left : std::max(budget, 0) / ubatch * ubatch;
             if (allow == 0 && step_tokens == 0 && planned == 0) allow = std::min(left, ubatch);
-            if (allow > 0 && !seq.pinned) {
-                allow = may_start_resume(seq, free_cells) ? (int32_t) std::min<int64_t>(allow, std::max<int64_t>(free_cells, 0)) : 0;
-            }
+            if (allow > 0) allow = room_for(seq, allow);
             if (allow > 0) {
                 const auto started = Clock::now();
                 const bool was_finished = seq.finished;
@@ -965,13 +968,9 @@ bool Engine::step() {
         if (with_text && seq.prefill_left() != 1) continue;
         if (budget <= 0) continue;
         const auto & toks = seq.parts[seq.part].tokens;
-        int32_t take = std::min<int32_t>(budget, (int32_t) (toks.size() - seq.part_off));
-        if (!seq.pinned) {
-            if (!may_start_resume(seq, free_cells)) continue;
-            take = (int32_t) std::min<int64_t>(take, std::max<int64_t>(free_cells, 0));
-            if (take == 0) continue;
-            free_cells -= take;
-        }
+        const int32_t take = room_for(seq, std::min<int32_t>(budget, (int32_t) (toks.size() - seq.part_off)));
+        if (take == 0) continue;
+        if (!seq.pinned) free_cells -= take;
         rows.push_back({&seq, take});
         budget -= take;
         planned += take;

@@ -89,6 +89,9 @@ class Engine {
     void prepare_ahead();                  // hands the next waiting requests to the prep thread
     void forget_prepared(int64_t id);      // a waiting request ended
     void encode_waiting();                 // prepared waiting requests' images to the vision worker
+    // Waiting request `id`'s prepared prompt, taken from the prep thread into prepared_ on first
+    // use; null while it is still being prepared.
+    PreparedPrompt * prepared_prompt(int64_t id);
     // Decodes up to max_rows of a sequence's prompt as embedding rows, in one llama_decode: the
     // current image's rows, or with_text, every part's (text as token embeddings) once all its
     // images are encoded. Returns the rows decoded, or -1 while an image it needs is encoding.
