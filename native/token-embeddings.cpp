@@ -13,44 +13,49 @@ namespace {
 
 constexpr const char * kTable = "token_embd.weight";
 
-// The file of a (possibly split) model that holds the table; empty if none does.
-std::string file_with_table(const std::string & model_path) {
-    gguf_init_params p{true, nullptr};
+// The GGUF of a (possibly split) model that holds the table, opened with its tensor metadata in
+// *meta (each file's header parsed once); null if none holds it.
+gguf_context * open_file_with_table(const std::string & model_path, ggml_context ** meta, std::string & path) {
+    gguf_init_params p{true, meta};
     gguf_context * g = gguf_init_from_file(model_path.c_str(), p);
-    if (!g) return {};
-    const bool here = gguf_find_tensor(g, kTable) >= 0;
+    if (!g) return nullptr;
+    path = model_path;
+    if (gguf_find_tensor(g, kTable) >= 0) return g;
     const int64_t k = gguf_find_key(g, "split.count");
     const int count = k >= 0 ? gguf_get_val_u16(g, k) : 1;
     gguf_free(g);
-    if (here || count <= 1) return here ? model_path : std::string();
+    ggml_free(*meta);
+    *meta = nullptr;
     // llama.cpp's split naming: <prefix>-00001-of-0000N.gguf
     char prefix[4096];
-    if (llama_split_prefix(prefix, sizeof(prefix), model_path.c_str(), 0, count) <= 0) return {};
-    for (int i = 0; i < count; i++) {
-        char path[4096];
-        llama_split_path(path, sizeof(path), prefix, i, count);
-        gguf_context * s = gguf_init_from_file(path, p);
+    if (count <= 1 || llama_split_prefix(prefix, sizeof(prefix), model_path.c_str(), 0, count) <= 0) return nullptr;
+    for (int i = 1; i < count; i++) {
+        char split[4096];
+        llama_split_path(split, sizeof(split), prefix, i, count);
+        gguf_context * s = gguf_init_from_file(split, p);
         if (!s) continue;
-        const bool found = gguf_find_tensor(s, kTable) >= 0;
+        if (gguf_find_tensor(s, kTable) >= 0) {
+            path = split;
+            return s;
+        }
         gguf_free(s);
-        if (found) return path;
+        ggml_free(*meta);
+        *meta = nullptr;
     }
-    return {};
+    return nullptr;
 }
 
 }  // namespace
 
 std::unique_ptr<TokenEmbeddings> TokenEmbeddings::open(const std::string & model_path, int32_t n_embd, int32_t n_vocab) {
-    const std::string path = file_with_table(model_path);
-    if (path.empty()) return nullptr;
     ggml_context * meta = nullptr;
-    gguf_init_params p{true, &meta};
-    gguf_context * g = gguf_init_from_file(path.c_str(), p);
+    std::string path;
+    gguf_context * g = open_file_with_table(model_path, &meta, path);
     if (!g) return nullptr;
     std::unique_ptr<TokenEmbeddings> t(new TokenEmbeddings());
     const int64_t id = gguf_find_tensor(g, kTable);
     const ggml_tensor * table = ggml_get_tensor(meta, kTable);
-    bool ok = id >= 0 && table && table->ne[0] == n_embd && table->ne[1] >= n_vocab;
+    bool ok = table && table->ne[0] == n_embd && table->ne[1] >= n_vocab;
     if (ok) {
         t->type_ = (int) table->type;
         t->offset_ = gguf_get_data_offset(g) + gguf_get_tensor_offset(g, id);
