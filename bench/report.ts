@@ -136,6 +136,7 @@ const ENGINE_COLUMNS: [string, (e: EngineBreakdown) => number, number][] = [
   ['tokens/step', (e) => e.tokensPerStep, 1],
   ['model ms/step', (e) => e.modelMsPerStep, 2],
   ['sample ms/step', (e) => e.sampleMsPerStep, 3],
+  ['CPU wait ms/step', (e) => e.cpuWaitMsPerStep, 2],
   ['host ms/step', (e) => e.hostMsPerStep, 3],
   ['KV moves', (e) => e.streamMoves, 0],
 ];
@@ -146,7 +147,7 @@ function engineTable(levels: LevelRecord[], names: string[]): string[] {
   if (rows.length === 0) return [];
   const head = ['c', 'server', ...ENGINE_COLUMNS.map(([t]) => t)];
   return [
-    'Where the time went, from the server\'s /metrics over each level (means per request; prefill = admitted -> first token, waiting on the vision encoder included; step ms = level wall time / engine steps, of which the engine thread spent model ms in llama_decode until the logits were ready, sample ms drawing tokens and host ms on the rest):',
+    'Where the time went, from the server\'s /metrics over each level (means per request; prefill = admitted -> first token, waiting on the vision encoder included; step ms = level wall time / engine steps, of which the engine thread spent model ms in llama_decode until the logits were ready, sample ms drawing tokens, CPU wait ms waiting while the vision encoder had the CPU (both on the CPU: they take turns) and host ms on the rest):',
     '',
     `| ${head.join(' | ')} |`,
     `|${head.map((_, i) => (i < 2 ? ' --- ' : ' ---: ')).join('|')}|`,

@@ -48,9 +48,14 @@ export interface EngineBreakdown {
   seqsPerStep: number;
   /** Tokens (decode + prompt + image rows) per step. */
   tokensPerStep: number;
-  /** Engine-thread ms per step in the model (llama_decode until the logits are ready), in the draws, and the rest (host work). */
+  /**
+   * Engine-thread ms per step in the model (llama_decode until the logits are ready), in the draws,
+   * waiting for the CPU while the vision encoder had its turn (model and encoder both on the CPU),
+   * and the rest (host work).
+   */
   modelMsPerStep: number;
   sampleMsPerStep: number;
+  cpuWaitMsPerStep: number;
   hostMsPerStep: number;
   /** Per-sequence KV layout: sequences moved to a lower id (stream copied) to keep a decode step one ubatch. */
   streamMoves: number;
@@ -77,7 +82,11 @@ export function breakdown(before: string, after: string, durationS: number): Eng
     tokensPerStep: per(d('vllm:iteration_tokens_total_sum')),
     modelMsPerStep: per(d('caprl:engine_model_seconds_total') * 1000),
     sampleMsPerStep: per(d('caprl:engine_sample_seconds_total') * 1000),
-    hostMsPerStep: per((d('caprl:engine_busy_seconds_total') - d('caprl:engine_model_seconds_total') - d('caprl:engine_sample_seconds_total')) * 1000),
+    cpuWaitMsPerStep: per(d('caprl:engine_cpu_wait_seconds_total') * 1000),
+    hostMsPerStep: per(
+      (d('caprl:engine_busy_seconds_total') - d('caprl:engine_model_seconds_total') - d('caprl:engine_sample_seconds_total') - d('caprl:engine_cpu_wait_seconds_total')) *
+        1000,
+    ),
     streamMoves: d('caprl:kv_stream_moves_total'),
   };
 }

@@ -259,6 +259,11 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("maxSeqs", i.max_seqs);
         o.Set("nLayers", i.n_layers);
         o.Set("nGpuLayers", i.n_gpu_layers);
+        Napi::Object th = Napi::Object::New(env);
+        th.Set("model", i.threads.model);
+        th.Set("vision", i.threads.vision);
+        th.Set("cpuTurns", i.threads.cpu_turns);
+        o.Set("threads", th);
         const KvCacheReport & kv = i.kv_cache;
         Napi::Object k = Napi::Object::New(env);
         k.Set("sizedBy", kv.sized_by);
@@ -364,6 +369,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("busySeconds", s.busy_seconds);
         o.Set("modelSeconds", s.model_seconds);
         o.Set("sampleSeconds", s.sample_seconds);
+        o.Set("cpuWaitSeconds", s.cpu_wait_seconds);
         return o;
     }
 

@@ -67,14 +67,20 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     if (!model_) throw std::runtime_error("failed to load model " + opts_.model);
     vocab_ = llama_model_get_vocab(model_);
 
-    // CPU threads. The vision worker computes beside the decode loop; by default the two split the
-    // cores (a quarter, at least one, for vision) so their ggml thread pools never contend for one:
-    // oversubscribed, a pool's barrier waits on a descheduled thread (measured on 2 busy cores:
-    // 32 tokens took 2-8 s with 2 decode threads + 1 vision thread, 24 ms with 1 + 1).
+    // CPU threads. When the model and the vision encoder both compute on the CPU they take turns
+    // (native/cpu-turns.h), each with every thread. With the model on a GPU, the vision worker's
+    // CPU work runs beside the decode loop's, and by default the two split the cores (a quarter, at
+    // least one, for vision) so their ggml thread pools never contend for one: oversubscribed, a
+    // pool's barrier waits on a descheduled thread (measured on 2 busy cores: 32 tokens took 2-8 s
+    // with 2 decode threads + 1 vision thread, 24 ms with 1 + 1).
+    const bool on_cpu = !is_gpu_device(kv_dev);  // no layer offloaded: the vision encoder is on the CPU too
+    cpu_turns_ = std::make_unique<CpuTurns>(on_cpu && !opts_.mmproj.empty());
     const uint32_t hw = std::max(1u, std::thread::hardware_concurrency());
     const uint32_t base = opts_.n_threads > 0 ? (uint32_t) opts_.n_threads : hw;
-    const uint32_t vision_threads = opts_.n_vision_threads > 0 ? (uint32_t) opts_.n_vision_threads : std::max(1u, base / 4);
-    const uint32_t threads = opts_.n_threads > 0 || opts_.mmproj.empty() ? base : std::max(1u, hw - vision_threads);
+    const uint32_t vision_threads = opts_.n_vision_threads > 0 ? (uint32_t) opts_.n_vision_threads
+                                    : cpu_turns_->on()           ? base
+                                                                 : std::max(1u, base / 4);
+    const uint32_t threads = opts_.n_threads > 0 || opts_.mmproj.empty() || cpu_turns_->on() ? base : std::max(1u, hw - vision_threads);
 
     // The vision encoder loads before the KV cache is sized: its weights and buffers (allocated by
     // the warm-up) take memory the KV cache cannot have.
@@ -165,7 +171,8 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     if (info_.kv_cache.tokens > 0) info_.kv_cache.bytes_per_token = (double) live.kv / info_.kv_cache.tokens;
 
     if (mtmd_) {
-        vision_ = std::make_unique<VisionWorker>(mtmd_, caprl_vision_.get(), llama_model_n_embd_inp(model_), opts_.image_cache_bytes, [this] { wake_from_worker(); });
+        vision_ = std::make_unique<VisionWorker>(mtmd_, caprl_vision_.get(), llama_model_n_embd_inp(model_), opts_.image_cache_bytes, *cpu_turns_,
+                                                 [this] { wake_from_worker(); });
         // M-RoPE models (Qwen-VL) attend causally over images, so an image prompt can go in as one
         // run of embedding rows, its text read from the model's token-embedding table.
         if (mtmd_decode_use_mrope(mtmd_)) token_embd_ = TokenEmbeddings::open(opts_.model, llama_model_n_embd_inp(model_), llama_vocab_n_tokens(vocab_));
@@ -195,6 +202,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     info_.image_prompt_rows = token_embd_ != nullptr;
     if (caprl_vision_) info_.vision_encoder = {"caprl", caprl_vision_->max_patches(), caprl_vision_->memory()};
     info_.max_seqs = opts_.max_seqs;
+    info_.threads = {threads, opts_.mmproj.empty() ? 0 : vision_threads, cpu_turns_->on()};
     info_.n_layers = llama_model_n_layer(model_) + 1;
     // Layers go to the GPU exactly when the KV cache does (kv_cache_device: a GPU unless none is offloaded).
     info_.n_gpu_layers = is_gpu_device(kv_dev) ? std::min(info_.n_layers, mp.n_gpu_layers) : 0;
@@ -298,6 +306,7 @@ EngineStats Engine::stats() const {
     s.busy_seconds = busy_ns_ * 1e-9;
     s.model_seconds = model_ns_ * 1e-9;
     s.sample_seconds = sample_ns_ * 1e-9;
+    s.cpu_wait_seconds = cpu_turns_->waited_seconds(CpuTurns::kModel);
     return s;
 }
 
@@ -854,9 +863,12 @@ int32_t Engine::prefill_rows(Sequence & seq, int32_t max_rows, bool with_text) {
     batch.n_seq_id = n_seq_id.data();
     batch.seq_id = seq_ids.data();
     batch.logits = logits.data();
+    hold_cpu();
+    const auto started = Clock::now();
     if (whole) llama_set_causal_attn(ctx_, false);
     const int32_t rc = llama_decode(ctx_, batch);
     if (whole) llama_set_causal_attn(ctx_, true);
+    model_ns_ += ns_between(started, Clock::now());
     if (rc != 0) {
         finish(seq, "error", "decoding the prompt's embedding rows failed");
         return 0;
@@ -950,10 +962,8 @@ bool Engine::step() {
             if (allow == 0 && step_tokens == 0 && planned == 0) allow = std::min(left, ubatch);
             if (allow > 0) allow = room_for(seq, allow);
             if (allow > 0) {
-                const auto started = Clock::now();
                 const bool was_finished = seq.finished;
                 const int32_t n = prefill_rows(seq, allow, with_text);
-                model_ns_ += ns_between(started, Clock::now());
                 if (n > 0) {
                     progress = true;
                     step_tokens += (uint32_t) n;
@@ -1013,6 +1023,7 @@ bool Engine::step() {
 
     if (batch_.n_tokens > 0) {
         progress = true;
+        hold_cpu();
         const auto decode_started = Clock::now();
         const int32_t rc = llama_decode(ctx_, batch_);
         if (rc != 0) {
@@ -1030,6 +1041,7 @@ bool Engine::step() {
         }
     }
 
+    cpu_turn_.release();
     count_step_tokens(step_tokens);
     for (auto & seq : running_) {
         if (!seq.pending.tokens.empty() || !seq.pending.text.empty() || seq.pending.finish) {
@@ -1043,6 +1055,10 @@ bool Engine::step() {
     emit(std::move(out_));
     busy_ns_ += ns_between(step_started, Clock::now());
     return progress;
+}
+
+void Engine::hold_cpu() {
+    if (!cpu_turn_.held()) cpu_turn_ = cpu_turns_->take(CpuTurns::kModel);
 }
 
 void Engine::sample_outputs(Clock::time_point decode_started) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "chat.h"
+#include "cpu-turns.h"
 #include "kv-plan.h"
 #include "llama.h"
 #include "parallel-for.h"
@@ -43,6 +44,13 @@ struct EngineInfo {
     uint32_t max_seqs = 0;
     int32_t n_layers = 0;          // repeating layers + output layer, as llama.cpp counts for offload
     int32_t n_gpu_layers = 0;      // of those, on a GPU
+    // CPU threads of the model (decode) and of the vision encoder, and whether the two take turns
+    // with the CPU (both on it: native/cpu-turns.h) rather than compute side by side.
+    struct Threads {
+        uint32_t model = 0;
+        uint32_t vision = 0;
+        bool cpu_turns = false;
+    } threads;
     KvCacheReport kv_cache;
     // Our vision encoder (EngineOptions vision_encoder "caprl"); kind empty with llama.cpp's clip.
     struct VisionEncoderReport {
@@ -113,6 +121,7 @@ class Engine {
     void preempt(Sequence & seq);
     int64_t growth_watermark() const;
     bool may_start_resume(const Sequence & seq, int64_t free_cells) const;
+    void hold_cpu();  // before a llama_decode: the CPU's turn, when the model shares it with the vision encoder
     void sample_outputs(std::chrono::steady_clock::time_point decode_started);
     struct Draw {
         llama_token token = -1;
@@ -140,6 +149,7 @@ class Engine {
     const llama_vocab * vocab_ = nullptr;
     mtmd_context * mtmd_ = nullptr;
     std::unique_ptr<QwenVisionEncoder> caprl_vision_;  // EngineOptions::vision_encoder "caprl"; outlives vision_
+    std::unique_ptr<CpuTurns> cpu_turns_;              // model and vision encoder both on the CPU; outlives vision_
     std::unique_ptr<VisionWorker> vision_;
     std::unique_ptr<ParallelFor> sampling_;
     uint64_t next_vision_key_ = 1;
@@ -170,6 +180,7 @@ class Engine {
     std::vector<VisionWorker::Job> vision_jobs_;  // this step's images, for the vision worker
     std::unique_ptr<TokenEmbeddings> token_embd_;  // image prompts' text as rows (null: in token batches)
     std::vector<float> rows_buf_;                 // a prompt chunk's embedding rows, gathered
+    CpuTurns::Turn cpu_turn_;                     // held from a step's first llama_decode to its end
     int64_t reserved_cells_ = 0;
     std::vector<Event> out_;
 

@@ -105,7 +105,7 @@ struct EngineOptions {
     uint32_t n_batch = 512;
     uint32_t n_ubatch = 0;          // llama.cpp's ubatch (rows per pass over the weights); 0 = min(n_batch, 512)
     int32_t n_threads = 0;
-    int32_t n_vision_threads = 0;   // 0 = a quarter of the threads, at least 1
+    int32_t n_vision_threads = 0;   // 0 = n_threads when model and vision share the CPU by turns, else a quarter, at least 1
     int32_t n_sampling_threads = 0; // 0 = the decode threads (at most 8) for large vocabularies, else 1
     int32_t n_gpu_layers = -1;
     std::string chat_template;
@@ -139,6 +139,7 @@ struct EngineStats {
     double busy_seconds = 0;
     double model_seconds = 0;
     double sample_seconds = 0;
+    double cpu_wait_seconds = 0;  // of the busy seconds: waiting for the CPU while the vision encoder had it (native/cpu-turns.h)
 };
 
 }  // namespace caprl

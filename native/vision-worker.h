@@ -4,6 +4,7 @@
 // every queued image, up to the encoder's graph capacity (max_patches()), is encoded in one pass.
 #pragma once
 
+#include "cpu-turns.h"
 #include "job-thread.h"
 #include "mtmd.h"
 #include "qwen-vision-encoder.h"
@@ -29,8 +30,10 @@ class VisionWorker {
     // on_ready is called (from the worker thread) after each encode, successful or not.
     // Encoded embeddings are kept in an LRU cache of at most cache_bytes, keyed by the chunk's id
     // (the engine sets it to a hash of the image's pixels and size). With `encoder` (may be null),
-    // images are encoded by it, in batches, instead of by mtmd/clip one at a time.
-    VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, std::function<void()> on_ready);
+    // images are encoded by it, in batches, instead of by mtmd/clip one at a time. Each pass
+    // computes in a turn of `turns` (shared with the engine's steps; outlives the worker).
+    VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, CpuTurns & turns,
+                 std::function<void()> on_ready);
 
     // One image chunk to encode: `owner` keeps it alive while queued or being encoded; `image` is
     // the chunk's RGB image (shared, not copied: our encoder preprocesses it itself; mtmd ignores it).
@@ -70,6 +73,7 @@ class VisionWorker {
     mtmd_context * mtmd_;
     QwenVisionEncoder * encoder_;
     int32_t n_embd_;
+    CpuTurns & turns_;
     std::mutex cache_mu_;
     size_t cache_limit_;
     size_t cache_bytes_ = 0;

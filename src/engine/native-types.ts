@@ -28,14 +28,17 @@ export interface EngineOptions {
   nBatch: number;
   /** llama.cpp's ubatch: rows per pass over the weights (default min(nBatch, 512)). */
   nUbatch?: number;
-  /** CPU threads for decode; 0 = the cores left after the vision worker's. */
+  /** CPU threads for decode; 0 = all cores, or with the model on a GPU the cores left after the vision worker's. */
   nThreads?: number;
   /**
    * Threads drawing each step's tokens (one sampler per sequence, so the tokens do not depend on
    * the count); 0 = the decode threads, at most 8, for vocabularies of 32768 tokens or more, else 1.
    */
   nSamplingThreads?: number;
-  /** CPU threads of the vision worker (image encoding beside decoding); 0 = a quarter of the threads, at least 1. */
+  /**
+   * CPU threads of the vision worker; 0 = the decode threads when the model is on the CPU too (the two
+   * take turns), else a quarter of the threads, at least 1 (encoding beside decoding).
+   */
   nVisionThreads?: number;
   /** Layers to offload to the GPU; -1 = all. Ignored on CPU builds. */
   nGpuLayers?: number;
@@ -176,11 +179,13 @@ export interface EngineStats {
   /**
    * Engine-thread seconds in steps with sequences running (busy), the part in the model
    * (llama_decode of image rows and the batch, until its logits are ready) and the part in the
-   * draws; busy - model - sample is host work (scheduling, batch building, events).
+   * draws; busy - model - sample - cpuWait is host work (scheduling, batch building, events).
    */
   busySeconds: number;
   modelSeconds: number;
   sampleSeconds: number;
+  /** Of the busy seconds: waiting for the CPU while the vision encoder had its turn (EngineInfo.threads.cpuTurns). */
+  cpuWaitSeconds: number;
 }
 
 export interface EngineInfo {
@@ -203,6 +208,11 @@ export interface EngineInfo {
   /** Layers llama.cpp can offload (repeating layers + output) and how many sit on a GPU. */
   nLayers: number;
   nGpuLayers: number;
+  /**
+   * CPU threads of the model and of the vision encoder (0 without an mmproj). cpuTurns: both compute
+   * on the CPU, so they take turns with every thread (native/cpu-turns.h) instead of splitting the cores.
+   */
+  threads: { model: number; vision: number; cpuTurns: boolean };
   kvCache: KvCacheInfo;
   /** Our vision encoder (visionEncoder 'caprl'); null with llama.cpp's clip or without an mmproj. */
   visionEncoder: VisionEncoderInfo | null;

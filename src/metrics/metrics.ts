@@ -207,6 +207,11 @@ export class ServerMetrics {
     engineCounter('caprl:engine_busy_seconds_total', 'Engine-thread seconds spent in steps with sequences running.', (s) => s.busySeconds);
     engineCounter('caprl:engine_model_seconds_total', 'Of the busy seconds: the model (llama_decode of image rows and of the batch, until its logits are ready).', (s) => s.modelSeconds);
     engineCounter('caprl:engine_sample_seconds_total', 'Of the busy seconds: drawing the tokens from the logits.', (s) => s.sampleSeconds);
+    engineCounter(
+      'caprl:engine_cpu_wait_seconds_total',
+      'Of the busy seconds: waiting for the CPU while the vision encoder had its turn (model and vision encoder both on the CPU take turns with every core).',
+      (s) => s.cpuWaitSeconds,
+    );
     gauge('caprl:engine_last_step_sequences', 'Sequences that decoded a token in the last engine step.', (s) => s.lastBatchSeqs);
     gauge('caprl:engine_max_step_sequences', 'Most sequences decoded together in one engine step since start.', (s) => s.maxBatchSeqs);
     gauge('caprl:kv_cache_used_tokens', 'KV cache cells (tokens) held by running sequences.', (s) => s.kvUsedCells);

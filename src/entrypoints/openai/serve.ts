@@ -240,7 +240,8 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   app.log.info(
     `serving ${cfg.servedModelNames.map((n) => `"${n}"`).join(', ')} on ${address}/v1 ` +
     `(model ${cfg.model}${cfg.mmproj ? ` + ${cfg.mmproj}` : ''}; max_model_len ${Math.min(cfg.maxModelLen, info.nCtx)}, ` +
-    `${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'}; ${info.nGpuLayers}/${info.nLayers} layers on GPU)`,
+    `${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'}; ${info.nGpuLayers}/${info.nLayers} layers on GPU; ` +
+    `CPU threads: model ${info.threads.model}${info.threads.vision ? `, vision ${info.threads.vision}${info.threads.cpuTurns ? ', by turns' : ''}` : ''})`,
   );
   app.log.info(describeKvCache(info.kvCache, info.visionEncoder));
   if (cfg.kvCache.gpuMemoryUtilization !== undefined && info.kvCache.sizedBy !== 'memory-fraction') {
