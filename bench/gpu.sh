@@ -220,9 +220,10 @@ main() {
 
   # ---------------------------------------------------------------- KV cache sizing
   # vLLM's default --gpu-memory-utilization 0.9 on this device: what the engine measured and chose,
-  # with llama.cpp's clip and with our encoder (its compute buffers reserved before the cache).
+  # with llama.cpp's clip and with our encoder (its compute buffers reserved before the cache),
+  # and how many sequences serve's default (maxSeqs 0: as many as the cache holds) gives.
   phase "KV cache sizing (memoryFraction 0.9, $PRESET-${DTYPES%%,*})"
-  local seqs=64
+  local seqs=0
   [ "$DRY" = 1 ] && seqs=4
   if [ "$(left)" -gt 50 ]; then
     timeout $(( $(left1) > 90 ? 90 : $(left1) )) node --input-type=module -e "
@@ -231,7 +232,7 @@ main() {
       for (const visionEncoder of ['llama.cpp', 'caprl']) {
         const e = new Engine({ model: '$WORK/models/$PRESET-$dt0.gguf', mmproj: '$WORK/models/mmproj-$PRESET-$dt0.gguf',
           memoryFraction: 0.9, maxModelLen: 8192, maxSeqs: $seqs, nBatch: 2048, logLevel: 'error', visionEncoder });
-        console.log(visionEncoder + ': ' + describeKvCache(e.info.kvCache, e.info.visionEncoder));
+        console.log(visionEncoder + ': ' + e.info.maxSeqs + ' sequences; ' + describeKvCache(e.info.kvCache, e.info.visionEncoder));
         console.log(JSON.stringify({ kvCache: e.info.kvCache, visionEncoder: e.info.visionEncoder }));
         await e.close();
       }" 2>&1 | sed 's/^/  /'

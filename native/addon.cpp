@@ -196,7 +196,9 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         opts.kv_cache_bytes = (uint64_t) get_number(o, "kvCacheBytes", 0);
         opts.memory_fraction = get_number(o, "memoryFraction", 0);
         opts.max_model_len = (uint32_t) get_number(o, "maxModelLen", 0);
-        opts.max_seqs = (uint32_t) get_number(o, "maxSeqs", opts.max_seqs);
+        const double max_seqs = get_number(o, "maxSeqs", opts.max_seqs);
+        if (!(max_seqs >= 0 && max_seqs <= 65536)) throw Napi::RangeError::New(env, "maxSeqs must be 0 (fit the KV cache) or positive");
+        opts.max_seqs = (uint32_t) max_seqs;
         opts.n_batch = (uint32_t) get_number(o, "nBatch", opts.n_batch);
         opts.n_ubatch = (uint32_t) get_number(o, "nUbatch", opts.n_ubatch);
         opts.n_threads = (int32_t) get_number(o, "nThreads", 0);
@@ -211,7 +213,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
             throw Napi::RangeError::New(env, "visionEncoder must be 'llama.cpp' or 'caprl'");
         }
         if (opts.model.empty()) throw Napi::TypeError::New(env, "options.model is required");
-        if (opts.max_seqs < 1 || opts.n_batch < 1) throw Napi::RangeError::New(env, "maxSeqs and nBatch must be positive");
+        if (opts.n_batch < 1) throw Napi::RangeError::New(env, "nBatch must be positive");
         const int kv_modes = (opts.n_ctx > 0) + (opts.kv_cache_bytes > 0) + (opts.memory_fraction > 0);
         if (kv_modes != 1 || (opts.n_ctx > 0 && opts.n_ctx < 16) || opts.memory_fraction > 1) {
             throw Napi::RangeError::New(env, "give exactly one of nCtx (>= 16), kvCacheBytes (> 0) or memoryFraction (in (0, 1])");

@@ -19,6 +19,10 @@ namespace {
 
 int log_threshold = GGML_LOG_LEVEL_WARN;
 
+// The fewest sequences max_seqs 0 gives (the old fixed default): a cache too small to give each
+// of them a stream at --max-model-len is shared by them, admitted and preempted against.
+constexpr uint32_t kAutoMinSeqs = 16;
+
 int parse_log_level(const std::string & s) {
     if (s == "none") return GGML_LOG_LEVEL_CONT + 1;
     if (s == "error") return GGML_LOG_LEVEL_ERROR;
@@ -58,6 +62,11 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     llama_log_set(log_to_stderr, nullptr);
     mtmd_helper_log_set(log_to_stderr, nullptr);
     llama_backend_init();
+
+    if (opts_.max_seqs > llama_max_parallel_sequences()) {
+        throw std::runtime_error("at most " + std::to_string(llama_max_parallel_sequences()) + " sequences (llama.cpp's limit), not " +
+                                 std::to_string(opts_.max_seqs));
+    }
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = opts_.n_gpu_layers < 0 ? 999 : opts_.n_gpu_layers;
@@ -115,6 +124,12 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
         }
     }
 
+    // max_seqs 0 (--max-num-seqs not given): as many sequences as the cache holds at their longest,
+    // so that each gets a KV stream of its own (the layout below), at least kAutoMinSeqs and at most
+    // llama.cpp's limit, 256 (vLLM's default). The cache is planned for the most, then counted.
+    const uint32_t seq_limit = (uint32_t) llama_max_parallel_sequences();
+    const bool auto_seqs = opts_.max_seqs == 0;
+    if (auto_seqs) opts_.max_seqs = seq_limit;
     llama_context_params cp = llama_context_default_params();
     cp.n_batch = std::max(opts_.n_batch, opts_.max_seqs);
     cp.n_ubatch = std::min<uint32_t>(cp.n_batch, opts_.n_ubatch > 0 ? opts_.n_ubatch : 512);
@@ -152,8 +167,22 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     // than with a stream per sequence (tiny model on the CPU, 25 vs 4.4 ms). So when the cache holds
     // every sequence at its longest, each sequence gets a stream of its own, as llama-server's slots
     // do; otherwise the pool stays shared (and requests are admitted and preempted against it).
+    if (auto_seqs) {
+        const uint32_t longest = opts_.max_model_len > 0 ? opts_.max_model_len : (uint32_t) llama_model_n_ctx_train(model_);
+        const uint32_t stream = (longest + 255) / 256 * 256;  // llama.cpp pads a stream to 256 cells
+        opts_.max_seqs = std::clamp(cp.n_ctx / std::max(1u, stream), std::min(kAutoMinSeqs, seq_limit), seq_limit);
+        cp.n_seq_max = opts_.max_seqs;
+        cp.n_batch = std::max(opts_.n_batch, opts_.max_seqs);
+        cp.n_ubatch = std::min<uint32_t>(cp.n_batch, opts_.n_ubatch > 0 ? opts_.n_ubatch : 512);
+    }
     const bool per_sequence = opts_.max_model_len > 0 && opts_.max_seqs > 1 &&
                               (uint64_t) cp.n_ctx >= (uint64_t) opts_.max_seqs * opts_.max_model_len;
+    if (per_sequence) {
+        // llama.cpp rounds each stream up to 256 cells: split the pool in whole 256s where that
+        // still holds --max-model-len, so the streams never take more than was planned.
+        const uint32_t stream = cp.n_ctx / opts_.max_seqs / 256 * 256;
+        if (stream >= opts_.max_model_len) cp.n_ctx = stream * opts_.max_seqs;
+    }
     cp.kv_unified = !per_sequence;
     info_.kv_cache.layout = per_sequence ? "per-sequence" : "unified";
     ctx_ = llama_init_from_model(model_, cp);

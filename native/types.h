@@ -101,7 +101,7 @@ struct EngineOptions {
     uint64_t kv_cache_bytes = 0;    // as many cells as fit these bytes (vLLM --kv-cache-memory-bytes)
     double memory_fraction = 0;     // the engine's share of its device's memory (vLLM --gpu-memory-utilization)
     uint32_t max_model_len = 0;     // per-sequence limit in cells, 0 = n_ctx
-    uint32_t max_seqs = 8;
+    uint32_t max_seqs = 8;         // 0 = as many as the KV cache holds at max_model_len, 16..256
     uint32_t n_batch = 512;
     uint32_t n_ubatch = 0;          // llama.cpp's ubatch (rows per pass over the weights); 0 = min(n_batch, 512)
     int32_t n_threads = 0;

@@ -75,7 +75,11 @@ t.test('serve flags -> config -> engine options', async (t) => {
   t.equal(d.maxModelLen, 8192);
   t.same(d.kvCache, {}, 'no KV cache flag given');
   t.equal(engineOptionsFor(d, []).nCtx, 32768, 'without a GPU the KV cache holds 32768 tokens');
-  t.equal(d.maxNumSeqs, 16);
+  t.equal(d.maxNumSeqs, undefined, 'no --max-num-seqs given');
+  t.equal(engineOptionsFor(d, []).maxSeqs, 0, 'the engine then takes as many as its KV cache holds');
+  const many = parse([model, '--max-num-seqs', '512']);
+  t.equal(many.maxNumSeqs, 256, "vLLM's 512: llama.cpp's 256");
+  t.match(many.vllm.notes, [/--max-num-seqs 512: llama.cpp decodes at most 256 sequences together; using 256/], 'said in a start-up warning');
   t.equal(d.logLevel, 'info');
 
   const c = parse(['--model', model, '--mmproj', mmproj, '--port', '0', '--host', '127.0.0.1', '--served-model-name', 'caprl',

@@ -64,6 +64,22 @@ t.test('SIGTERM, and --model given as a flag', async (t) => {
   s.child.kill('SIGTERM');
   t.equal(await s.exited, 0);
   t.ok(s.output.some((l) => /KV cache: 10240 tokens, .* sized by --kv-cache-memory-bytes/.test(l)), '5 MiB of KV cache: 10240 tokens of 512 bytes');
+  t.ok(s.output.some((l) => /8192, 16 seqs \(as the KV cache holds\);/.test(l)), 'no --max-num-seqs: 16, the fewest (the cache holds one 8192-token request)');
+});
+
+t.test('no --max-num-seqs: as many sequences as the KV cache holds at --max-model-len', async (t) => {
+  const { model } = await tinyModel();
+  const s = await serve([model, '--host', '127.0.0.1', '--port', '0', '--threads', '2', '--max-model-len', '512', '--kv-cache-tokens', '20480']);
+  t.teardown(() => { if (s.child.exitCode === null) s.child.kill('SIGKILL'); });
+  t.ok(s.output.some((l) => /max_model_len 512, 40 seqs \(as the KV cache holds\);/.test(l)), '20480 / 512 = 40 sequences');
+  t.ok(s.output.some((l) => /KV cache: 20480 tokens, .*a stream per sequence/.test(l)), 'each with a stream of its own');
+  const client = new OpenAI({ baseURL: s.baseURL, apiKey: 'x', maxRetries: 0 });
+  const messages = [{ role: 'user' as const, content: 'hi' }];
+  const r = await client.chat.completions.create({ model, messages, max_tokens: 2, n: 40 });
+  t.equal(r.choices.length, 40, 'n up to the 40 sequences');
+  await t.rejects(client.chat.completions.create({ model, messages, max_tokens: 2, n: 41 }), /must be in \[1, 40\]/);
+  s.child.kill('SIGTERM');
+  t.equal(await s.exited, 0);
 });
 
 t.test('usage errors exit 2 naming the problem', async (t) => {

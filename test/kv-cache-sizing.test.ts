@@ -15,7 +15,7 @@ const MAX_SEQS = 4;
 
 async function open(sizing: Partial<EngineOptions>): Promise<Engine> {
   const { model, mmproj } = await tinyModel();
-  return new Engine({ model, mmproj, ...sizing, maxModelLen: MAX_MODEL_LEN, maxSeqs: MAX_SEQS, nBatch: 512, nThreads: 1, logLevel: 'error' });
+  return new Engine({ model, mmproj, maxModelLen: MAX_MODEL_LEN, maxSeqs: MAX_SEQS, nBatch: 512, nThreads: 1, logLevel: 'error', ...sizing });
 }
 
 /** A short greedy request, to show the engine serves with the cache it sized. */
@@ -130,4 +130,44 @@ t.test('our vision encoder reserves its buffers before the KV cache takes the sh
   const tokens = oursShare.info.kvCache.tokens;
   await oursShare.close();
   t.ok(tokens < MAX_SEQS * MAX_MODEL_LEN && tokens >= MAX_MODEL_LEN, `ours: ${tokens} tokens`);
+});
+
+t.test('maxSeqs 0 (--max-num-seqs not given): as many sequences as the cache holds at --max-model-len, 16 to 256', async (t) => {
+  // 40 streams of 2048 cells, with 1000 cells to spare: 40 sequences, each a stream of its own.
+  const fits = await open({ nCtx: 40 * MAX_MODEL_LEN + 1000, maxSeqs: 0 });
+  t.equal(fits.info.maxSeqs, 40);
+  t.equal(fits.info.kvCache.layout, 'per-sequence');
+  t.equal(fits.info.kvCache.tokens, 40 * MAX_MODEL_LEN, 'the spare cells, less than a stream, are not allocated');
+  // All 40 at once: they decode together (with the old default of 16, at most 16 would).
+  const tokens = await Promise.all(Array.from({ length: 40 }, () => serves(fits)));
+  t.same(tokens, Array(40).fill(8), 'every request generated');
+  t.equal(fits.stats().maxBatchSeqs, 40, 'all 40 sequences decoded in one step');
+  await fits.close();
+
+  // --max-model-len not a multiple of llama.cpp's 256-cell stream padding: streams of 1024 cells,
+  // and the pool split in whole streams so that the padding takes no more than was planned.
+  const odd = await open({ nCtx: 20 * 1024 + 500, maxModelLen: 1000, maxSeqs: 0 });
+  t.equal(odd.info.maxSeqs, 20);
+  t.equal(odd.info.kvCache.layout, 'per-sequence');
+  t.equal(odd.info.kvCache.tokens, 20 * 1024);
+  await odd.close();
+
+  // Too small a cache for 16 streams: 16 sequences share one pool (the old fixed default).
+  const small = await open({ nCtx: 4 * MAX_MODEL_LEN, maxSeqs: 0 });
+  t.equal(small.info.maxSeqs, 16);
+  t.equal(small.info.kvCache.layout, 'unified');
+  t.equal(await serves(small), 8);
+  await small.close();
+
+  // Sized by memory: the cache is planned for 256 streams, llama.cpp's limit, and stops there.
+  const roomy = await open({ memoryFraction: 0.05, maxModelLen: 256, maxSeqs: 0 });
+  t.equal(roomy.info.maxSeqs, 256);
+  t.equal(roomy.info.kvCache.tokens, 256 * 256);
+  t.equal(roomy.info.kvCache.layout, 'per-sequence');
+  t.equal(await serves(roomy), 8);
+  await roomy.close();
+
+  t.throws(() => new Engine({ model: 'x.gguf', nCtx: 4096, maxSeqs: 257, nBatch: 512 }), /at most 256 sequences \(llama.cpp's limit\), not 257/,
+    'more than llama.cpp decodes together: a clear error before loading anything');
+  t.throws(() => new Engine({ model: 'x.gguf', nCtx: 4096, maxSeqs: -1, nBatch: 512 }), /maxSeqs must be 0/);
 });

@@ -22,7 +22,11 @@ export interface EngineOptions {
   memoryFraction?: number;
   /** Longest sequence (prompt + output) in tokens; default nCtx. */
   maxModelLen?: number;
-  /** Most sequences decoded at once (slots). */
+  /**
+   * Most sequences decoded at once (slots), at most 256 (llama.cpp's limit). 0: as many as the KV
+   * cache holds at maxModelLen, so each gets a KV stream of its own, but at least 16 (EngineInfo.maxSeqs
+   * says how many).
+   */
   maxSeqs: number;
   /** Most tokens in one llama_decode batch (prefill chunks + decode tokens). */
   nBatch: number;

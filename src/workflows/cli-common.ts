@@ -89,11 +89,15 @@ export function shardFromFlags(values: Record<string, ParsedValue>): Shard | und
   }
 }
 
+/** A config whose --max-num-seqs is the engine's (the KV cache's count where the flag was not given). */
+export type OpenedConfig = ServeConfig & { maxNumSeqs: number };
+
 /** Opens the engine the flags describe (a Hugging Face MODEL is downloaded/converted first, as by serve). */
-export async function openEngineFromFlags(values: Record<string, ParsedValue>): Promise<{ engine: Engine; cfg: ServeConfig }> {
+export async function openEngineFromFlags(values: Record<string, ParsedValue>): Promise<{ engine: Engine; cfg: OpenedConfig }> {
   const cfg = serveConfigFromArgs(await resolveServeModel(values));
   try {
-    return { engine: new Engine({ ...engineOptionsFor(cfg), logLevel: 'error' }), cfg };
+    const engine = new Engine({ ...engineOptionsFor(cfg), logLevel: 'error' });
+    return { engine, cfg: { ...cfg, maxNumSeqs: engine.info.maxSeqs } };
   } catch (err) {
     throw new CliFatalError(`could not load the model: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
   }

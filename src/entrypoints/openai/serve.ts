@@ -16,10 +16,14 @@ import { MODEL_SOURCE_FLAGS, resolveServeModel } from '../../hub/model-source.js
 import { imageSourceOptionsFromEnv } from '../../images/image-source.js';
 import { VLLM_COMPAT_FLAGS, vllmCompatConfig, type VllmCompatConfig } from './vllm-flags.js';
 
+/** llama.cpp's limit on sequences in one context (llama_max_parallel_sequences). */
+export const MAX_NUM_SEQS = 256;
+/** The fewest sequences the default gives (native/engine.cpp kAutoMinSeqs). */
+export const AUTO_MIN_NUM_SEQS = 16;
+
 export const SERVE_DEFAULTS = {
   port: 8000,
   maxModelLen: 8192,
-  maxNumSeqs: 16,
   maxNumBatchedTokens: 2048,
   threads: 0,
   nGpuLayers: -1,
@@ -40,7 +44,7 @@ export const SERVE_SPEC: CommandSpec = {
     { name: 'max-model-len', type: 'int', dest: 'maxModelLen', help: `context length per request, prompt + completion, in tokens (default: ${SERVE_DEFAULTS.maxModelLen})` },
     { name: 'kv-cache-tokens', type: 'int', dest: 'kvCacheTokens', help: `KV cache size in tokens, shared by all running requests (default: sized by --gpu-memory-utilization where a GPU holds it, else max(${DEFAULT_KV_CACHE_TOKENS}, --max-model-len))` },
     { name: 'kv-cache-memory-bytes', type: 'int', dest: 'kvCacheMemoryBytes', metavar: 'BYTES', help: 'KV cache size in bytes, as vLLM: as many tokens as fit (overrides --gpu-memory-utilization)' },
-    { name: 'max-num-seqs', type: 'int', dest: 'maxNumSeqs', help: `most requests decoded together (default: ${SERVE_DEFAULTS.maxNumSeqs})` },
+    { name: 'max-num-seqs', type: 'int', dest: 'maxNumSeqs', help: `most requests decoded together, at most ${MAX_NUM_SEQS} (default: as many as the KV cache holds at --max-model-len, ${AUTO_MIN_NUM_SEQS} to ${MAX_NUM_SEQS})` },
     { name: 'max-num-batched-tokens', type: 'int', dest: 'maxNumBatchedTokens', help: `most tokens in one engine step (default: ${SERVE_DEFAULTS.maxNumBatchedTokens})` },
     { name: 'ubatch-size', type: 'int', dest: 'ubatchSize', help: "rows per pass over the weights, as llama-server's -ub: a longer prompt chunk goes in several (default: min(--max-num-batched-tokens, 512))" },
     { name: 'threads', type: 'int', dest: 'threads', help: 'CPU threads (default: 0 = llama.cpp picks)' },
@@ -63,7 +67,8 @@ export interface ServeConfig {
   maxModelLen: number;
   /** KV cache flags as given; engineOptionsFor settles the size once it knows the devices. */
   kvCache: KvCacheFlags;
-  maxNumSeqs: number;
+  /** As given; unset, the engine takes as many as its KV cache holds (EngineInfo.maxSeqs). */
+  maxNumSeqs?: number;
   maxNumBatchedTokens: number;
   /** Unset: min(maxNumBatchedTokens, 512), llama.cpp's default. */
   ubatchSize?: number;
@@ -132,6 +137,13 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
   if (threads < 0) throw new CliUsageError(`argument --threads: must be non-negative, got ${threads}`);
   const chatTemplateRaw = str(values, 'chatTemplate');
   const served = values.servedModelName;
+  const vllm = vllmCompatConfig(values, env);
+  let maxNumSeqs = values.maxNumSeqs === undefined ? undefined : positive('maxNumSeqs', 'max-num-seqs', 1);
+  if (maxNumSeqs !== undefined && maxNumSeqs > MAX_NUM_SEQS) {
+    // vLLM takes any count; llama.cpp decodes at most 256 sequences together.
+    vllm.notes.push(`--max-num-seqs ${maxNumSeqs}: llama.cpp decodes at most ${MAX_NUM_SEQS} sequences together; using ${MAX_NUM_SEQS}`);
+    maxNumSeqs = MAX_NUM_SEQS;
+  }
   return {
     model,
     mmproj,
@@ -140,7 +152,7 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
     servedModelNames: Array.isArray(served) && served.length > 0 ? served : [model],
     maxModelLen,
     kvCache,
-    maxNumSeqs: positive('maxNumSeqs', 'max-num-seqs', SERVE_DEFAULTS.maxNumSeqs),
+    maxNumSeqs,
     maxNumBatchedTokens: positive('maxNumBatchedTokens', 'max-num-batched-tokens', SERVE_DEFAULTS.maxNumBatchedTokens),
     ubatchSize: values.ubatchSize === undefined ? undefined : positive('ubatchSize', 'ubatch-size', 512),
     threads,
@@ -149,7 +161,7 @@ export function serveConfigFromArgs(values: Record<string, ParsedValue>, env: No
     chatTemplate: chatTemplateRaw === undefined ? undefined : resolveChatTemplate(chatTemplateRaw),
     seed: int(values, 'seed'),
     logLevel: FASTIFY_LEVELS[str(values, 'logLevel') ?? SERVE_DEFAULTS.logLevel] ?? 'info',
-    vllm: vllmCompatConfig(values, env),
+    vllm,
     admission: admissionConfigFromArgs(values),
   };
 }
@@ -164,7 +176,7 @@ export function engineOptionsFor(cfg: ServeConfig, gpus: readonly GpuDevice[] = 
     mmproj: cfg.mmproj,
     ...kvCacheSizing(cfg.kvCache, cfg.maxModelLen, kvCacheOnGpu(gpus, cfg.nGpuLayers)),
     maxModelLen: cfg.maxModelLen,
-    maxSeqs: cfg.maxNumSeqs,
+    maxSeqs: cfg.maxNumSeqs ?? 0,
     nBatch: cfg.maxNumBatchedTokens,
     ...(cfg.ubatchSize !== undefined ? { nUbatch: cfg.ubatchSize } : {}),
     nThreads: cfg.threads,
@@ -205,7 +217,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
       allowPrivateImageUrls: cfg.admission.allowPrivateImageUrls,
     },
     maxLogprobs: cfg.vllm.maxLogprobs,
-    maxNumSeqs: cfg.maxNumSeqs,
+    maxNumSeqs: engine.info.maxSeqs,
     logRequests: cfg.vllm.logRequests,
     operations: {
       maxWaitingRequests: cfg.admission.maxWaitingRequests,
@@ -240,7 +252,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   app.log.info(
     `serving ${cfg.servedModelNames.map((n) => `"${n}"`).join(', ')} on ${address}/v1 ` +
     `(model ${cfg.model}${cfg.mmproj ? ` + ${cfg.mmproj}` : ''}; max_model_len ${Math.min(cfg.maxModelLen, info.nCtx)}, ` +
-    `${cfg.maxNumSeqs} seqs; devices: ${info.devices.join(', ') || 'CPU'}; ${info.nGpuLayers}/${info.nLayers} layers on GPU; ` +
+    `${info.maxSeqs} seqs${cfg.maxNumSeqs === undefined ? ' (as the KV cache holds)' : ''}; devices: ${info.devices.join(', ') || 'CPU'}; ${info.nGpuLayers}/${info.nLayers} layers on GPU; ` +
     `CPU threads: model ${info.threads.model}${info.threads.vision ? `, vision ${info.threads.vision}${info.threads.cpuTurns ? ', by turns' : ''}` : ''})`,
   );
   app.log.info(describeKvCache(info.kvCache, info.visionEncoder));
