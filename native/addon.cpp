@@ -204,9 +204,6 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         opts.n_threads = (int32_t) get_number(o, "nThreads", 0);
         opts.n_vision_threads = (int32_t) get_number(o, "nVisionThreads", 0);
         opts.n_sampling_threads = (int32_t) get_number(o, "nSamplingThreads", 0);
-        const double yield_after = get_number(o, "visionYieldAfterMs", opts.vision_yield_after_ms);
-        if (!(yield_after >= 0 && yield_after <= 3.6e6)) throw Napi::RangeError::New(env, "visionYieldAfterMs must be in [0, 3600000]");
-        opts.vision_yield_after_ms = (uint32_t) yield_after;
         opts.n_gpu_layers = (int32_t) get_number(o, "nGpuLayers", -1);
         opts.chat_template = get_string(o, "chatTemplate");
         opts.log_level = get_string(o, "logLevel", "warn");
@@ -375,7 +372,6 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("modelSeconds", s.model_seconds);
         o.Set("sampleSeconds", s.sample_seconds);
         o.Set("cpuWaitSeconds", s.cpu_wait_seconds);
-        o.Set("visionYields", (double) s.vision_yields);
         return o;
     }
 

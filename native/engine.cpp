@@ -83,7 +83,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     // pool's barrier waits on a descheduled thread (measured on 2 busy cores: 32 tokens took 2-8 s
     // with 2 decode threads + 1 vision thread, 24 ms with 1 + 1).
     const bool on_cpu = !is_gpu_device(kv_dev);  // no layer offloaded: the vision encoder is on the CPU too
-    cpu_turns_ = std::make_unique<CpuTurns>(on_cpu && !opts_.mmproj.empty(), std::chrono::milliseconds(opts_.vision_yield_after_ms));
+    cpu_turns_ = std::make_unique<CpuTurns>(on_cpu && !opts_.mmproj.empty());
     const uint32_t hw = std::max(1u, std::thread::hardware_concurrency());
     const uint32_t base = opts_.n_threads > 0 ? (uint32_t) opts_.n_threads : hw;
     const uint32_t vision_threads = opts_.n_vision_threads > 0 ? (uint32_t) opts_.n_vision_threads
@@ -105,11 +105,6 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
         mparams.n_threads = (int) vision_threads;
         mparams.print_timings = false;
         mparams.warmup = size_by_memory && !ours;
-        if (cpu_turns_->on()) {
-            // On a shared CPU an encoder pass lets a waiting engine step in between two layers.
-            mparams.cb_eval = CpuTurns::yield_between_layers;
-            mparams.cb_eval_user_data = cpu_turns_.get();
-        }
         mtmd_ = mtmd_init_from_file(opts_.mmproj.c_str(), model_, mparams);
         if (!mtmd_) {
             llama_model_free(model_);
@@ -119,7 +114,6 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
         if (ours) {
             try {
                 caprl_vision_ = std::make_unique<QwenVisionEncoder>(opts_.mmproj, vision_on_gpu, (int) vision_threads);
-                if (cpu_turns_->on()) caprl_vision_->set_eval_callback(CpuTurns::yield_between_layers, cpu_turns_.get());
                 // As clip's warm-up: its compute buffers exist before the free memory is read.
                 if (size_by_memory) caprl_vision_->reserve();
             } catch (...) {
@@ -342,7 +336,6 @@ EngineStats Engine::stats() const {
     s.model_seconds = model_ns_ * 1e-9;
     s.sample_seconds = sample_ns_ * 1e-9;
     s.cpu_wait_seconds = cpu_turns_->waited_seconds(CpuTurns::kModel);
-    s.vision_yields = cpu_turns_->yields(CpuTurns::kVision);
     return s;
 }
 

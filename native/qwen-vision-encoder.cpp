@@ -394,8 +394,7 @@ std::unique_ptr<QwenVisionEncoder::Impl::Graph> QwenVisionEncoder::Impl::build(c
         // clip's 2D rotary embedding for Qwen2-VL/2.5-VL vision (same op, same arguments).
         return ggml_rope_multi(ctx, t, positions, nullptr, (int) d_head / 2, sections, GGML_ROPE_TYPE_VISION, 32768, 10000, 1, 0, 1, 32, 1);
     };
-    for (size_t il = 0; il < layers.size(); il++) {
-        const Layer & L = layers[il];
+    for (const Layer & L : layers) {
         ggml_tensor * h = rms(ctx, x, L.ln1, nullptr, eps);
         ggml_tensor * q = rope(ggml_reshape_3d(ctx, linear(ctx, h, L.q_w, L.q_b), d_head, n_head, N));
         ggml_tensor * k = rope(ggml_reshape_3d(ctx, linear(ctx, h, L.k_w, L.k_b), d_head, n_head, N));
@@ -404,7 +403,6 @@ std::unique_ptr<QwenVisionEncoder::Impl::Graph> QwenVisionEncoder::Impl::build(c
         h = rms(ctx, x, L.ln2, nullptr, eps);
         ggml_tensor * f = ggml_swiglu_split(ctx, linear(ctx, h, L.gate_w, L.gate_b), linear(ctx, h, L.up_w, L.up_b));
         x = ggml_add(ctx, x, linear(ctx, f, L.down_w, L.down_b));
-        ggml_format_name(x, "layer_out-%zu", il);  // clip's name: where an eval callback may stop
     }
     // Patch merger: norm per patch, then each unit's 4 consecutive patches as one 4C row.
     x = ggml_reshape_2d(ctx, rms(ctx, x, post_ln_w, post_ln_b, eps), 4 * C, N / 4);
@@ -577,10 +575,6 @@ std::vector<std::vector<float>> QwenVisionEncoder::encode(const std::vector<cons
 }
 
 int64_t QwenVisionEncoder::max_patches() const { return impl_->max_patches; }
-
-void QwenVisionEncoder::set_eval_callback(ggml_backend_sched_eval_callback cb, void * user_data) {
-    ggml_backend_sched_set_eval_callback(impl_->sched, cb, user_data);
-}
 
 QwenVisionEncoder::Timings QwenVisionEncoder::last_timings() const { return impl_->timings; }
 

@@ -5,7 +5,6 @@
 // Output equals clip's for the same RGB image: [n_merged_tokens, n_embd_out] f32, raster order.
 #pragma once
 
-#include "ggml-backend.h"
 #include "types.h"
 
 #include <cstdint>
@@ -46,10 +45,6 @@ class QwenVisionEncoder {
     // worker's per-pass budget. One largest image (16384 patches) on the CPU or where two would
     // take more than a tenth of the GPU's memory; two on a larger GPU.
     int64_t max_patches() const;
-
-    // ggml's eval callback on the encoder's graphs (each layer's output is named "layer_out-<i>",
-    // as clip names it); null to remove.
-    void set_eval_callback(ggml_backend_sched_eval_callback cb, void * user_data);
 
     // Allocates the compute buffers of the largest graph encode() builds, now rather than at the
     // first batch, so the engine can count them before it sizes the KV cache. Later batches reuse

@@ -107,9 +107,6 @@ struct EngineOptions {
     int32_t n_threads = 0;
     int32_t n_vision_threads = 0;   // 0 = n_threads when model and vision share the CPU by turns, else a quarter, at least 1
     int32_t n_sampling_threads = 0; // 0 = the decode threads (at most 8) for large vocabularies, else 1
-    // Model and vision encoder sharing the CPU: how long an engine step may wait before an encoder
-    // pass lets it in between two layers (native/cpu-turns.h).
-    uint32_t vision_yield_after_ms = 500;
     int32_t n_gpu_layers = -1;
     std::string chat_template;
     std::string log_level = "warn";
@@ -142,7 +139,6 @@ struct EngineStats {
     double busy_seconds = 0;
     double model_seconds = 0;
     double sample_seconds = 0;
-    uint64_t vision_yields = 0;    // times an encoder pass let a step that had waited in between two layers
     double cpu_wait_seconds = 0;  // of the busy seconds: waiting for the CPU while the vision encoder had it (native/cpu-turns.h)
 };
 

@@ -89,7 +89,6 @@ size_t VisionWorker::batch_size(const std::deque<Job> & queue) const {
 std::vector<VisionWorker::Result> VisionWorker::encode(std::vector<Job> & jobs) {
     CpuTurns::Turn turn = turns_.take(CpuTurns::kVision);  // before t0: the time waited is not encoding
     const auto t0 = std::chrono::steady_clock::now();
-    const double yielded0 = turns_.waited_seconds(CpuTurns::kVision);
     std::vector<Result> results(jobs.size());
     if (!encoder_) {
         Result & r = results[0];
@@ -117,10 +116,8 @@ std::vector<VisionWorker::Result> VisionWorker::encode(std::vector<Job> & jobs) 
             fprintf(stderr, "caprl vision encoder: %s\n", e.what());
         }
     }
-    // A pass's images are ready together: each waited the whole pass (less the engine steps it
-    // let in between its layers on a shared CPU).
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() -
-                           (turns_.waited_seconds(CpuTurns::kVision) - yielded0);
+    // A pass's images are ready together: each waited the whole pass.
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     turn.release();
     std::lock_guard<std::mutex> lk(cache_mu_);
     for (size_t i = 0; i < jobs.size(); i++) {

@@ -2,8 +2,8 @@
 // encoder: the engine submits every image of a request when it is admitted and decodes the
 // embeddings into the KV cache once they are ready. With our own encoder (QwenVisionEncoder),
 // every queued image, up to the encoder's graph capacity (max_patches()), is encoded in one pass.
-// When the model and the encoder share the CPU, each pass waits for its turn (CpuTurns) and lets an
-// engine step that has waited long in between two of its layers: the cores are shared by time.
+// When the model and the encoder share the CPU, each pass waits for its turn (CpuTurns) and the
+// decode loop waits for the pass: the cores are shared by time, not split.
 #pragma once
 
 #include "cpu-turns.h"

@@ -67,7 +67,6 @@ t.test('metrics on the tiny model', async (t) => {
       ['caprl:engine_model_seconds_total', 'counter'],
       ['caprl:engine_sample_seconds_total', 'counter'],
       ['caprl:engine_cpu_wait_seconds_total', 'counter'],
-      ['caprl:vision_encoder_yields_total', 'counter'],
       ['caprl:image_cache_hits_total', 'counter'],
       ['caprl:image_cache_misses_total', 'counter'],
       ['caprl:requests_rejected_total', 'counter'],

@@ -40,12 +40,6 @@ export interface EngineOptions {
    */
   nSamplingThreads?: number;
   /**
-   * Model and vision encoder both on the CPU (they take turns): how long an engine step may wait
-   * for the CPU before an encoder pass lets it in between two of its layers, ms (default 500; 0 =
-   * at every layer).
-   */
-  visionYieldAfterMs?: number;
-  /**
    * CPU threads of the vision worker; 0 = the decode threads when the model is on the CPU too (the two
    * take turns), else a quarter of the threads, at least 1 (encoding beside decoding).
    */
@@ -196,11 +190,6 @@ export interface EngineStats {
   sampleSeconds: number;
   /** Of the busy seconds: waiting for the CPU while the vision encoder had its turn (EngineInfo.threads.cpuTurns). */
   cpuWaitSeconds: number;
-  /**
-   * With turns: times the vision encoder, between two layers of a pass, let an engine step that had
-   * waited visionYieldAfterMs have the CPU (so decoding does not wait for a whole pass).
-   */
-  visionYields: number;
 }
 
 export interface EngineInfo {

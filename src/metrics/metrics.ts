@@ -212,11 +212,6 @@ export class ServerMetrics {
       'Of the busy seconds: waiting for the CPU while the vision encoder had its turn (model and vision encoder both on the CPU take turns with every core).',
       (s) => s.cpuWaitSeconds,
     );
-    engineCounter(
-      'caprl:vision_encoder_yields_total',
-      'Model and vision encoder both on the CPU: times an encoder pass let an engine step that had waited 500 ms have the CPU between two of its layers.',
-      (s) => s.visionYields,
-    );
     gauge('caprl:engine_last_step_sequences', 'Sequences that decoded a token in the last engine step.', (s) => s.lastBatchSeqs);
     gauge('caprl:engine_max_step_sequences', 'Most sequences decoded together in one engine step since start.', (s) => s.maxBatchSeqs);
     gauge('caprl:kv_cache_used_tokens', 'KV cache cells (tokens) held by running sequences.', (s) => s.kvUsedCells);
