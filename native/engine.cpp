@@ -130,10 +130,15 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     const uint32_t seq_limit = (uint32_t) llama_max_parallel_sequences();
     const bool auto_seqs = opts_.max_seqs == 0;
     if (auto_seqs) opts_.max_seqs = seq_limit;
+    const uint32_t longest = opts_.max_model_len > 0 ? opts_.max_model_len : (uint32_t) llama_model_n_ctx_train(model_);
     llama_context_params cp = llama_context_default_params();
-    cp.n_batch = std::max(opts_.n_batch, opts_.max_seqs);
-    cp.n_ubatch = std::min<uint32_t>(cp.n_batch, opts_.n_ubatch > 0 ? opts_.n_ubatch : 512);
-    cp.n_seq_max = opts_.max_seqs;
+    // A step decodes every sequence's next token: the batch holds at least max_seqs rows.
+    const auto fit_batch_to_seqs = [&] {
+        cp.n_seq_max = opts_.max_seqs;
+        cp.n_batch = std::max(opts_.n_batch, opts_.max_seqs);
+        cp.n_ubatch = std::min<uint32_t>(cp.n_batch, opts_.n_ubatch > 0 ? opts_.n_ubatch : 512);
+    };
+    fit_batch_to_seqs();
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
     cp.kv_unified = true;  // for sizing; the layout is chosen below
@@ -143,7 +148,6 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
         kv.tokens = opts_.n_ctx;
         kv.bytes = opts_.kv_cache_bytes;
         kv.memory_fraction = opts_.memory_fraction;
-        const uint32_t longest = opts_.max_model_len > 0 ? opts_.max_model_len : (uint32_t) llama_model_n_ctx_train(model_);
         kv.min_cells = longest;
         kv.max_cells = (uint32_t) std::min<uint64_t>((uint64_t) longest * opts_.max_seqs, UINT32_MAX / 2);
         kv.model_path = opts_.model;
@@ -168,12 +172,9 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     // every sequence at its longest, each sequence gets a stream of its own, as llama-server's slots
     // do; otherwise the pool stays shared (and requests are admitted and preempted against it).
     if (auto_seqs) {
-        const uint32_t longest = opts_.max_model_len > 0 ? opts_.max_model_len : (uint32_t) llama_model_n_ctx_train(model_);
         const uint32_t stream = (longest + 255) / 256 * 256;  // llama.cpp pads a stream to 256 cells
         opts_.max_seqs = std::clamp(cp.n_ctx / std::max(1u, stream), std::min(kAutoMinSeqs, seq_limit), seq_limit);
-        cp.n_seq_max = opts_.max_seqs;
-        cp.n_batch = std::max(opts_.n_batch, opts_.max_seqs);
-        cp.n_ubatch = std::min<uint32_t>(cp.n_batch, opts_.n_ubatch > 0 ? opts_.n_ubatch : 512);
+        fit_batch_to_seqs();
     }
     const bool per_sequence = opts_.max_model_len > 0 && opts_.max_seqs > 1 &&
                               (uint64_t) cp.n_ctx >= (uint64_t) opts_.max_seqs * opts_.max_model_len;
