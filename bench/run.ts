@@ -16,7 +16,7 @@ import { captionBody, runLevel, StreamClient } from './client.js';
 import { parseSizes, syntheticImageDataUri, type ImageSize } from './images.js';
 import { markdownReport, shortTable, type BenchReport, type LevelRecord, type ServerRecord } from './report.js';
 import { breakdown, caprlMetrics } from './server-metrics.js';
-import { findLlamaServer, freePort, machineInfo, ManagedServer, MemorySampler, type ServerSpec } from './servers.js';
+import { findLlamaServer, freePort, llamaServerWeightArgs, machineInfo, ManagedServer, MemorySampler, type ServerSpec } from './servers.js';
 import { summarize } from './stats.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -214,6 +214,7 @@ export async function main(argv: string[]): Promise<number> {
           const args = ['-m', v.model!, '--mmproj', v.mmproj!, '--host', '127.0.0.1', '--port', String(port),
             '-np', String(slots), '-c', String(slots * ctxPerSlot), '-ngl', String(ngl ?? 999), '--no-webui'];
           if (threads !== undefined) args.push('-t', String(threads));
+          args.push(...(await llamaServerWeightArgs(v.model!)));
           if (v['llama-args']) args.push(...v['llama-args'].split(/\s+/).filter(Boolean));
           spec = { name, command: bin, args, port, modelName: 'caprl', logFile: path.join(logDir, 'llama-server.log') };
         } else {

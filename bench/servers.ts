@@ -5,6 +5,8 @@ import { createWriteStream, existsSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import { promisify } from 'node:util';
+import { GGMLType } from '../src/model/gguf.js';
+import { readGGUF } from '../src/model/gguf-reader.js';
 
 const execFileP = promisify(execFile);
 
@@ -206,6 +208,24 @@ export class MemorySampler {
     const k = procStatusKiB(this.pid, 'VmRSS');
     if (k !== undefined) this.rssPeakMiB = Math.max(this.rssPeakMiB, k / 1024);
   }
+}
+
+/**
+ * llama-server arguments that make it load a model's weights as caprl's engine does on this CPU:
+ * on a CPU with AMX, a model with quantized weights loads without weight repacking
+ * (native/cpu-weights.h: ggml's AMX kernels for quantized weights crash at the pinned llama.cpp).
+ */
+export async function llamaServerWeightArgs(modelPath: string): Promise<string[]> {
+  let amx = false;
+  try {
+    amx = /^flags\s*:.*\bamx_int8\b/m.test(readFileSync('/proc/cpuinfo', 'utf8'));
+  } catch {
+    return [];
+  }
+  if (!amx) return [];
+  const { tensors } = await readGGUF(modelPath);
+  const floats = new Set<number>([GGMLType.F32, GGMLType.F16, GGMLType.BF16]);
+  return tensors.some((t) => !floats.has(t.type)) ? ['--no-repack'] : [];
 }
 
 /** Where llama-server is: $LLAMA_SERVER, build/bin/llama-server under root, or null. */

@@ -1,5 +1,7 @@
 #include "engine.h"
 
+#include "cpu-weights.h"
+
 #include "ggml-backend.h"
 #include "mtmd-helper.h"
 
@@ -70,6 +72,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = opts_.n_gpu_layers < 0 ? 999 : opts_.n_gpu_layers;
+    mp.use_extra_bufts = cpu_extra_buffers_safe(opts_.model);  // native/cpu-weights.h
     ggml_backend_dev_t kv_dev = kv_cache_device(mp.n_gpu_layers);
     const DeviceMemory mem_at_start = device_memory(kv_dev);
     model_ = llama_model_load_from_file(opts_.model.c_str(), mp);

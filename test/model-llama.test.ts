@@ -83,6 +83,9 @@ t.test('tiny model runs in llama-mtmd-cli (f16, bf16, q8_0)', { skip: haveMtmd ?
       '-m', model, '--mmproj', mmproj, '--image', img,
       '-p', 'Please describe this image in detail',
       '-n', '12', '--temp', '0', '--jinja', '--no-warmup', '-t', '2', '-v',
+      // ggml's AMX kernels for quantized weights crash at the pinned llama.cpp (native/cpu-weights.h):
+      // q8_0 loads without weight repacking, as the engine loads it on a CPU with AMX.
+      ...(dtype === 'q8_0' ? ['--no-repack'] : []),
     ], (x) => x.stdout.trim().length >= 5 && /EOG token\s+=\s+2000/.test(x.stderr));
     if (r.code !== 0) t.comment(r.stderr.slice(-2000));
     t.equal(r.code, 0, `${dtype}: exit code`);
