@@ -79,20 +79,22 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     if (!model_) throw std::runtime_error("failed to load model " + opts_.model);
     vocab_ = llama_model_get_vocab(model_);
 
-    // CPU threads. When the model and the vision encoder both compute on the CPU they take turns
-    // (native/cpu-turns.h), each with every thread. With the model on a GPU, the vision worker's
-    // CPU work runs beside the decode loop's, and by default the two split the cores (a quarter, at
-    // least one, for vision) so their ggml thread pools never contend for one: oversubscribed, a
-    // pool's barrier waits on a descheduled thread (measured on 2 busy cores: 32 tokens took 2-8 s
-    // with 2 decode threads + 1 vision thread, 24 ms with 1 + 1).
+    // CPU threads. When the model and the vision encoder both compute on the CPU they take turns,
+    // each with every thread: the engine thread runs the encoder passes itself, between its steps.
+    // Run on a thread of its own, an encoder pass made a second OpenMP team (ggml's CPU backend
+    // starts one per calling thread); with more OpenMP threads than cores libgomp stops spinning
+    // at barriers, so every later decode step slept at each barrier of its graph. With the model
+    // on a GPU, the vision worker's CPU work runs beside the decode loop's, and by default the two
+    // split the cores (a quarter, at least one, for vision) so their ggml thread pools never
+    // contend for one: oversubscribed, a pool's barrier waits on a descheduled thread.
     const bool on_cpu = !is_gpu_device(kv_dev);  // no layer offloaded: the vision encoder is on the CPU too
-    cpu_turns_ = std::make_unique<CpuTurns>(on_cpu && !opts_.mmproj.empty());
+    cpu_turns_ = on_cpu && !opts_.mmproj.empty();
     const uint32_t hw = std::max(1u, std::thread::hardware_concurrency());
     const uint32_t base = opts_.n_threads > 0 ? (uint32_t) opts_.n_threads : hw;
     const uint32_t vision_threads = opts_.n_vision_threads > 0 ? (uint32_t) opts_.n_vision_threads
-                                    : cpu_turns_->on()           ? base
+                                    : cpu_turns_           ? base
                                                                  : std::max(1u, base / 4);
-    const uint32_t threads = opts_.n_threads > 0 || opts_.mmproj.empty() || cpu_turns_->on() ? base : std::max(1u, hw - vision_threads);
+    const uint32_t threads = opts_.n_threads > 0 || opts_.mmproj.empty() || cpu_turns_ ? base : std::max(1u, hw - vision_threads);
 
     // The vision encoder loads before the KV cache is sized: its weights and buffers (allocated by
     // the warm-up) take memory the KV cache cannot have.
@@ -204,7 +206,8 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     if (info_.kv_cache.tokens > 0) info_.kv_cache.bytes_per_token = (double) live.kv / info_.kv_cache.tokens;
 
     if (mtmd_) {
-        vision_ = std::make_unique<VisionWorker>(mtmd_, caprl_vision_.get(), llama_model_n_embd_inp(model_), opts_.image_cache_bytes, *cpu_turns_,
+        vision_ = std::make_unique<VisionWorker>(mtmd_, caprl_vision_.get(), llama_model_n_embd_inp(model_), opts_.image_cache_bytes,
+                                                 cpu_turns_ ? VisionWorker::Passes::kByEngine : VisionWorker::Passes::kOwnThread,
                                                  [this] { wake_from_worker(); });
         // M-RoPE models (Qwen-VL) attend causally over images, so an image prompt can go in as one
         // run of embedding rows, its text read from the model's token-embedding table.
@@ -235,7 +238,7 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts), sink_(
     info_.image_prompt_rows = token_embd_ != nullptr;
     if (caprl_vision_) info_.vision_encoder = {"caprl", caprl_vision_->max_patches(), caprl_vision_->memory()};
     info_.max_seqs = opts_.max_seqs;
-    info_.threads = {threads, opts_.mmproj.empty() ? 0 : vision_threads, cpu_turns_->on()};
+    info_.threads = {threads, opts_.mmproj.empty() ? 0 : vision_threads, cpu_turns_};
     info_.n_layers = llama_model_n_layer(model_) + 1;
     // Layers go to the GPU exactly when the KV cache does (kv_cache_device: a GPU unless none is offloaded).
     info_.n_gpu_layers = is_gpu_device(kv_dev) ? std::min(info_.n_layers, mp.n_gpu_layers) : 0;
@@ -339,7 +342,7 @@ EngineStats Engine::stats() const {
     s.busy_seconds = busy_ns_ * 1e-9;
     s.model_seconds = model_ns_ * 1e-9;
     s.sample_seconds = sample_ns_ * 1e-9;
-    s.cpu_wait_seconds = cpu_turns_->waited_seconds(CpuTurns::kModel);
+    s.cpu_wait_seconds = cpu_wait_ns_ * 1e-9;
     return s;
 }
 
@@ -400,7 +403,13 @@ void Engine::loop() {
                 if (stopping_) break;
             }
         }
-        idle = !step();
+        const bool progress = step();
+        // On a shared CPU every queued image is encoded before the next step (as llama-server
+        // does): a burst's requests then start decoding together, instead of the first ones being
+        // stalled, step after step, by the encoder passes of those behind them.
+        bool encoded = false;
+        while (run_vision_pass(progress)) encoded = true;
+        idle = !encoded && !progress;
     }
     // Shutting down: everything live ends as aborted.
     take_inbox();
@@ -896,7 +905,6 @@ int32_t Engine::prefill_rows(Sequence & seq, int32_t max_rows, bool with_text) {
     batch.n_seq_id = n_seq_id.data();
     batch.seq_id = seq_ids.data();
     batch.logits = logits.data();
-    hold_cpu();
     const auto started = Clock::now();
     if (whole) llama_set_causal_attn(ctx_, false);
     const int32_t rc = llama_decode(ctx_, batch);
@@ -1056,8 +1064,7 @@ bool Engine::step() {
 
     if (batch_.n_tokens > 0) {
         progress = true;
-        hold_cpu();
-        const auto decode_started = Clock::now();
+            const auto decode_started = Clock::now();
         const int32_t rc = llama_decode(ctx_, batch_);
         if (rc != 0) {
             const std::string why = rc == 1 ? "the KV cache has no room for this batch" : "llama_decode failed (" + std::to_string(rc) + ")";
@@ -1074,7 +1081,6 @@ bool Engine::step() {
         }
     }
 
-    cpu_turn_.release();
     count_step_tokens(step_tokens);
     for (auto & seq : running_) {
         if (!seq.pending.tokens.empty() || !seq.pending.text.empty() || seq.pending.finish) {
@@ -1090,8 +1096,17 @@ bool Engine::step() {
     return progress;
 }
 
-void Engine::hold_cpu() {
-    if (!cpu_turn_.held()) cpu_turn_ = cpu_turns_->take(CpuTurns::kModel);
+bool Engine::run_vision_pass(bool steps_waiting) {
+    if (!cpu_turns_ || !vision_->queued()) return false;
+    const auto started = Clock::now();
+    vision_->run_pass();
+    // The decoding that waited for this pass (none when the last step only waited on images).
+    if (steps_waiting) {
+        const uint64_t ns = ns_between(started, Clock::now());
+        cpu_wait_ns_ += ns;
+        busy_ns_ += ns;
+    }
+    return true;
 }
 
 void Engine::sample_outputs(Clock::time_point decode_started) {

@@ -4,7 +4,6 @@
 #pragma once
 
 #include "chat.h"
-#include "cpu-turns.h"
 #include "kv-plan.h"
 #include "llama.h"
 #include "parallel-for.h"
@@ -45,7 +44,7 @@ struct EngineInfo {
     int32_t n_layers = 0;          // repeating layers + output layer, as llama.cpp counts for offload
     int32_t n_gpu_layers = 0;      // of those, on a GPU
     // CPU threads of the model (decode) and of the vision encoder, and whether the two take turns
-    // with the CPU (both on it: native/cpu-turns.h) rather than compute side by side.
+    // with the CPU (both on it: the engine thread runs the encoder passes) rather than compute side by side.
     struct Threads {
         uint32_t model = 0;
         uint32_t vision = 0;
@@ -121,7 +120,9 @@ class Engine {
     void preempt(Sequence & seq);
     int64_t growth_watermark() const;
     bool may_start_resume(const Sequence & seq, int64_t free_cells) const;
-    void hold_cpu();  // before a llama_decode: the CPU's turn, when the model shares it with the vision encoder
+    // With the model and the vision encoder both on the CPU (cpu_turns_): runs the vision worker's
+    // next encoder pass on this thread, if one is queued; steps_waiting: decoding waits for it.
+    bool run_vision_pass(bool steps_waiting);
     void sample_outputs(std::chrono::steady_clock::time_point decode_started);
     struct Draw {
         llama_token token = -1;
@@ -149,7 +150,7 @@ class Engine {
     const llama_vocab * vocab_ = nullptr;
     mtmd_context * mtmd_ = nullptr;
     std::unique_ptr<QwenVisionEncoder> caprl_vision_;  // EngineOptions::vision_encoder "caprl"; outlives vision_
-    std::unique_ptr<CpuTurns> cpu_turns_;              // model and vision encoder both on the CPU; outlives vision_
+    bool cpu_turns_ = false;  // model and vision encoder both on the CPU: encoder passes run on the engine thread
     std::unique_ptr<VisionWorker> vision_;
     std::unique_ptr<ParallelFor> sampling_;
     uint64_t next_vision_key_ = 1;
@@ -180,7 +181,6 @@ class Engine {
     std::vector<VisionWorker::Job> vision_jobs_;  // this step's images, for the vision worker
     std::unique_ptr<TokenEmbeddings> token_embd_;  // image prompts' text as rows (null: in token batches)
     std::vector<float> rows_buf_;                 // a prompt chunk's embedding rows, gathered
-    CpuTurns::Turn cpu_turn_;                     // held from a step's first llama_decode to its end
     int64_t reserved_cells_ = 0;
     std::vector<Event> out_;
 
@@ -198,7 +198,7 @@ class Engine {
     std::atomic<uint64_t> stream_moves_{0};
     std::array<std::atomic<uint64_t>, 32> step_tokens_{};  // EngineStats::step_tokens
     std::atomic<uint64_t> step_tokens_sum_{0};
-    std::atomic<uint64_t> busy_ns_{0}, model_ns_{0}, sample_ns_{0};  // EngineStats::*_seconds
+    std::atomic<uint64_t> busy_ns_{0}, model_ns_{0}, sample_ns_{0}, cpu_wait_ns_{0};  // EngineStats::*_seconds
 };
 
 }  // namespace caprl

@@ -2,6 +2,7 @@
 // until the engine takes it. A job dropped while queued is removed; one dropped while it runs has
 // its result discarded when it finishes. The prompt-prep thread and the vision worker are each
 // one of these; they differ in what a job is, how many run in one pass, and when the engine is told.
+// Without a thread of its own (Threading::kCaller), the owner runs the passes (run_pass()).
 #pragma once
 
 #include <algorithm>
@@ -34,9 +35,11 @@ class JobThread {
     // yet reported has waited `hold` (0: after every pass). Cheap jobs handed over together are
     // then reported ready together, while an expensive burst does not hold back its first results
     // until its last is done.
-    JobThread(RunFn run, std::function<void()> on_ready, std::chrono::milliseconds hold, BatchFn batch = nullptr)
+    enum class Threading { kOwn, kCaller };
+    JobThread(RunFn run, std::function<void()> on_ready, std::chrono::milliseconds hold, BatchFn batch = nullptr,
+              Threading threading = Threading::kOwn)
         : run_(std::move(run)), batch_(std::move(batch)), on_ready_(std::move(on_ready)), hold_(hold) {
-        thread_ = std::thread([this] { loop(); });
+        if (threading == Threading::kOwn) thread_ = std::thread([this] { loop(); });
     }
 
     ~JobThread() {  // drops pending work and joins
@@ -69,9 +72,11 @@ class JobThread {
         on_ready_();
     }
 
-    // If job `key` is done, moves its result out and returns true.
+    // If job `key` is done and reported (on_ready called since), moves its result out and returns
+    // true. A result not reported yet stays held: jobs reported together are taken together.
     bool take(uint64_t key, Result & out) {
         std::lock_guard<std::mutex> lk(mu_);
+        if (unreported_.count(key)) return false;
         auto it = done_.find(key);
         if (it == done_.end()) return false;
         out = std::move(it->second);
@@ -79,9 +84,28 @@ class JobThread {
         return true;
     }
 
+    // Threading::kCaller: runs the next pass on the calling thread, if a job is queued; returns
+    // whether one ran.
+    bool run_pass() {
+        std::vector<Job> jobs;
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            if (queue_.empty()) return false;
+            take_batch(jobs);
+        }
+        finish_pass(jobs, run_(jobs));
+        return true;
+    }
+
+    bool queued() const {
+        std::lock_guard<std::mutex> lk(mu_);
+        return !queue_.empty();
+    }
+
     // Forgets a job whose request ended, wherever it is.
     void drop(uint64_t key) {
         std::lock_guard<std::mutex> lk(mu_);
+        unreported_.erase(key);
         if (done_.erase(key)) return;
         for (auto it = queue_.begin(); it != queue_.end(); ++it) {
             if (it->key == key) {
@@ -94,38 +118,48 @@ class JobThread {
 
   private:
     void loop() {
-        std::optional<std::chrono::steady_clock::time_point> unreported_since;
         for (;;) {
             std::vector<Job> jobs;
             {
                 std::unique_lock<std::mutex> lk(mu_);
                 cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
                 if (stopping_) return;
-                const size_t n = batch_ ? std::max<size_t>(1, std::min(batch_(queue_), queue_.size())) : 1;
-                for (size_t i = 0; i < n; i++) {
-                    running_.insert(queue_.front().key);
-                    jobs.push_back(std::move(queue_.front()));
-                    queue_.pop_front();
-                }
+                take_batch(jobs);
             }
-            std::vector<Result> results = run_(jobs);
-            bool drained = false;
-            {
-                std::lock_guard<std::mutex> lk(mu_);
-                for (size_t i = 0; i < jobs.size(); i++) {
-                    const uint64_t key = jobs[i].key;
-                    running_.erase(key);
-                    if (!dropped_.erase(key) && !stopping_) done_.insert_or_assign(key, std::move(results[i]));
-                }
-                drained = queue_.empty();
+            finish_pass(jobs, run_(jobs));
+        }
+    }
+
+    // Caller holds mu_; the queue is not empty.
+    void take_batch(std::vector<Job> & jobs) {
+        const size_t n = batch_ ? std::max<size_t>(1, std::min(batch_(queue_), queue_.size())) : 1;
+        for (size_t i = 0; i < n; i++) {
+            running_.insert(queue_.front().key);
+            jobs.push_back(std::move(queue_.front()));
+            queue_.pop_front();
+        }
+    }
+
+    void finish_pass(std::vector<Job> & jobs, std::vector<Result> && results) {
+        const auto now = std::chrono::steady_clock::now();
+        if (!unreported_since_) unreported_since_ = now;
+        bool report = false;
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            for (size_t i = 0; i < jobs.size(); i++) {
+                const uint64_t key = jobs[i].key;
+                running_.erase(key);
+                if (dropped_.erase(key) || stopping_) continue;
+                done_.insert_or_assign(key, std::move(results[i]));
+                unreported_.insert(key);
             }
-            jobs.clear();  // releases what the jobs held before the engine is told
-            const auto now = std::chrono::steady_clock::now();
-            if (!unreported_since) unreported_since = now;
-            if (drained || now - *unreported_since >= hold_) {
-                unreported_since.reset();
-                on_ready_();
-            }
+            report = queue_.empty() || now - *unreported_since_ >= hold_;
+            if (report) unreported_.clear();
+        }
+        jobs.clear();  // releases what the jobs held before the engine is told
+        if (report) {
+            unreported_since_.reset();
+            on_ready_();
         }
     }
 
@@ -133,12 +167,14 @@ class JobThread {
     BatchFn batch_;
     std::function<void()> on_ready_;
     std::chrono::milliseconds hold_;
-    std::mutex mu_;
+    mutable std::mutex mu_;
     std::condition_variable cv_;
     std::deque<Job> queue_;
+    std::optional<std::chrono::steady_clock::time_point> unreported_since_;  // touched by the one thread that runs passes
     std::unordered_map<uint64_t, Result> done_;
     std::unordered_set<uint64_t> running_;
-    std::unordered_set<uint64_t> dropped_;  // dropped while running: the result is discarded
+    std::unordered_set<uint64_t> dropped_;     // dropped while running: the result is discarded
+    std::unordered_set<uint64_t> unreported_;  // done, on_ready not called since: not taken yet
     bool stopping_ = false;
     std::thread thread_;
 };

@@ -139,7 +139,7 @@ struct EngineStats {
     double busy_seconds = 0;
     double model_seconds = 0;
     double sample_seconds = 0;
-    double cpu_wait_seconds = 0;  // of the busy seconds: waiting for the CPU while the vision encoder had it (native/cpu-turns.h)
+    double cpu_wait_seconds = 0;  // of the busy seconds: encoder passes run by the engine thread while steps waited (model and vision both on the CPU)
 };
 
 }  // namespace caprl

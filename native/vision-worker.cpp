@@ -7,11 +7,12 @@
 
 namespace caprl {
 
-VisionWorker::VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, CpuTurns & turns,
+VisionWorker::VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, Passes passes,
                            std::function<void()> on_ready)
-    : mtmd_(mtmd), encoder_(encoder), n_embd_(n_embd), turns_(turns), cache_limit_(cache_bytes),
+    : mtmd_(mtmd), encoder_(encoder), n_embd_(n_embd), cache_limit_(cache_bytes),
       jobs_([this](std::vector<Job> & jobs) { return encode(jobs); }, std::move(on_ready), std::chrono::milliseconds(0),
-            [this](const std::deque<Job> & queue) { return batch_size(queue); }) {}
+            [this](const std::deque<Job> & queue) { return batch_size(queue); },
+            passes == Passes::kByEngine ? JobThread<Job, Result>::Threading::kCaller : JobThread<Job, Result>::Threading::kOwn) {}
 
 void VisionWorker::submit(std::vector<Job> && jobs) {
     std::vector<Job> misses;
@@ -87,7 +88,6 @@ size_t VisionWorker::batch_size(const std::deque<Job> & queue) const {
 }
 
 std::vector<VisionWorker::Result> VisionWorker::encode(std::vector<Job> & jobs) {
-    CpuTurns::Turn turn = turns_.take(CpuTurns::kVision);  // before t0: the time waited is not encoding
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<Result> results(jobs.size());
     if (!encoder_) {
@@ -118,7 +118,6 @@ std::vector<VisionWorker::Result> VisionWorker::encode(std::vector<Job> & jobs) 
     }
     // A pass's images are ready together: each waited the whole pass.
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    turn.release();
     std::lock_guard<std::mutex> lk(cache_mu_);
     for (size_t i = 0; i < jobs.size(); i++) {
         results[i].seconds = seconds;

@@ -2,11 +2,11 @@
 // encoder: the engine submits every image of a request when it is admitted and decodes the
 // embeddings into the KV cache once they are ready. With our own encoder (QwenVisionEncoder),
 // every queued image, up to the encoder's graph capacity (max_patches()), is encoded in one pass.
-// When the model and the encoder share the CPU, each pass waits for its turn (CpuTurns) and the
-// decode loop waits for the pass: the cores are shared by time, not split.
+// When the model and the encoder share the CPU, the engine thread runs the passes itself
+// (Passes::kByEngine), between its steps: they take turns with every core, and all of the
+// process's ggml CPU work runs on one thread, so one OpenMP team (see engine.cpp).
 #pragma once
 
-#include "cpu-turns.h"
 #include "job-thread.h"
 #include "mtmd.h"
 #include "qwen-vision-encoder.h"
@@ -29,12 +29,13 @@ using SharedChunks = std::shared_ptr<mtmd_input_chunks>;
 
 class VisionWorker {
   public:
-    // on_ready is called (from the worker thread) after each encode, successful or not.
+    // Who runs the encoder passes: the worker's own thread, or the engine's (run_pass()).
+    enum class Passes { kOwnThread, kByEngine };
+    // on_ready is called (from the thread that ran the pass) after each encode, successful or not.
     // Encoded embeddings are kept in an LRU cache of at most cache_bytes, keyed by the chunk's id
     // (the engine sets it to a hash of the image's pixels and size). With `encoder` (may be null),
-    // images are encoded by it, in batches, instead of by mtmd/clip one at a time. Each pass
-    // computes in a turn of `turns` (shared with the engine's steps; outlives the worker).
-    VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, CpuTurns & turns,
+    // images are encoded by it, in batches, instead of by mtmd/clip one at a time.
+    VisionWorker(mtmd_context * mtmd, QwenVisionEncoder * encoder, int32_t n_embd, size_t cache_bytes, Passes passes,
                  std::function<void()> on_ready);
 
     // One image chunk to encode: `owner` keeps it alive while queued or being encoded; `image` is
@@ -53,6 +54,10 @@ class VisionWorker {
     bool take(uint64_t key, Embeddings & embd, bool & ok, double & seconds);
     // Forgets a chunk whose request ended; its result, if any, is discarded.
     void drop(uint64_t key);
+    // Passes::kByEngine: encodes the next pass of queued images on the calling thread; false when
+    // none is queued.
+    bool run_pass() { return jobs_.run_pass(); }
+    bool queued() const { return jobs_.queued(); }
 
     uint64_t cache_hits() const { return hits_; }
     uint64_t cache_misses() const { return misses_; }
@@ -75,7 +80,6 @@ class VisionWorker {
     mtmd_context * mtmd_;
     QwenVisionEncoder * encoder_;
     int32_t n_embd_;
-    CpuTurns & turns_;
     std::mutex cache_mu_;
     size_t cache_limit_;
     size_t cache_bytes_ = 0;

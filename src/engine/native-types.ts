@@ -214,7 +214,7 @@ export interface EngineInfo {
   nGpuLayers: number;
   /**
    * CPU threads of the model and of the vision encoder (0 without an mmproj). cpuTurns: both compute
-   * on the CPU, so they take turns with every thread (native/cpu-turns.h) instead of splitting the cores.
+   * on the CPU, so they take turns with every thread (the engine thread runs the encoder passes between its steps) instead of splitting the cores.
    */
   threads: { model: number; vision: number; cpuTurns: boolean };
   kvCache: KvCacheInfo;
