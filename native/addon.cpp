@@ -124,13 +124,22 @@ Napi::Value to_js(Napi::Env env, const Event & ev) {
         }
         o.Set("logprobs", lps);
     }
+    if (ev.accepted) {
+        Napi::Object a = Napi::Object::New(env);
+        a.Set("promptTokens", ev.accepted->prompt_tokens);
+        a.Set("maxTokens", ev.accepted->max_tokens);
+        o.Set("accepted", a);
+    }
     if (ev.finish) {
         const Finish & f = *ev.finish;
         Napi::Object fo = Napi::Object::New(env);
-        fo.Set("reason", f.reason);
+        fo.Set("reason", finish_reason_name(f.reason));
         fo.Set("promptTokens", f.prompt_tokens);
         fo.Set("completionTokens", f.completion_tokens);
         if (!f.error.empty()) fo.Set("error", f.error);
+        if (f.error_kind != ErrorKind::kNone) fo.Set("errorKind", error_kind_name(f.error_kind));
+        if (!f.error_param.empty()) fo.Set("errorParam", f.error_param);
+        if (!f.error_code.empty()) fo.Set("errorCode", f.error_code);
         if (f.stopped_by_text) fo.Set("stoppedBy", *f.stopped_by_text);
         else if (f.stopped_by_token) fo.Set("stoppedBy", *f.stopped_by_token);
         if (f.timings) fo.Set("timings", to_js(env, *f.timings));
@@ -251,6 +260,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         o.Set("chatTemplate", i.chat_template);
         o.Set("mediaMarker", i.media_marker);
         o.Set("nCtx", i.n_ctx);
+        o.Set("maxModelLen", i.max_model_len);
         o.Set("nCtxTrain", i.n_ctx_train);
         o.Set("nVocab", i.n_vocab);
         o.Set("hasVision", i.has_vision);

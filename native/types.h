@@ -20,7 +20,7 @@ struct SamplingParams {
     float presence_penalty = 0.0f;
     float frequency_penalty = 0.0f;
     int64_t seed = -1;             // -1 = random
-    int32_t max_tokens = 16;
+    int32_t max_tokens = -1;       // -1: the rest of the context (--max-model-len less the prompt)
     int32_t min_tokens = 0;
     bool ignore_eos = false;
     std::vector<std::string> stop;
@@ -73,19 +73,38 @@ struct Timings {
     std::optional<double> image_encode;   // vision worker time on the request's images (choice 0 of a request with images)
 };
 
+enum class FinishReason { kStop, kLength, kAbort, kError };
+const char * finish_reason_name(FinishReason r);  // stop | length | abort | error
+
+// Whose fault an error is, as llama-server types its task errors: the HTTP layer maps it to a
+// status (client: 400, capacity: 503, internal: 500).
+enum class ErrorKind { kNone, kClient, kCapacity, kInternal };
+const char * error_kind_name(ErrorKind k);  // "" | client | capacity | internal
+
 struct Finish {
-    std::string reason;  // stop | length | abort | error
+    FinishReason reason = FinishReason::kStop;
     int32_t prompt_tokens = 0;
     int32_t completion_tokens = 0;
-    std::string error;
+    std::string error;        // reason kError: what failed
+    ErrorKind error_kind = ErrorKind::kNone;
+    std::string error_param;  // client fault: the request field at fault ("prompt", "max_tokens", "n")
+    std::string error_code;   // OpenAI's code, if any ("context_length_exceeded")
     std::optional<std::string> stopped_by_text;
     std::optional<int32_t> stopped_by_token;
     std::optional<Timings> timings;
 };
 
+// Sent once per request, on choice 0, when its prompt is prepared and fits: the prompt's KV cells
+// (images included, counted once, by the engine) and the output length it will get.
+struct PromptAccepted {
+    int32_t prompt_tokens = 0;
+    int32_t max_tokens = 0;
+};
+
 struct Event {
     int64_t id = 0;
     int32_t index = 0;  // choice index, 0..n-1
+    std::optional<PromptAccepted> accepted;
     std::vector<int32_t> tokens;
     std::string text;
     std::vector<TokenLogprob> logprobs;

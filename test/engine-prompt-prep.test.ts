@@ -119,7 +119,7 @@ t.test('prompt preparation', async (t) => {
   t.test('shutdown with requests queued and being prepared: every one ends, close returns', async (t) => {
     const engine = new Engine({ model, mmproj, nCtx: 4096, maxSeqs: 1, nBatch: 512, nThreads: 1, logLevel: 'none' });
     const m = engine.info.mediaMarker;
-    const runs = [start(engine, chat('hold the slot'), [], 100000)];
+    const runs = [start(engine, chat('hold the slot'), [], -1)];
     for (let i = 0; i < 6; i++) runs.push(start(engine, chat(`${m}Image ${i}.`), [image(1036, 31 + i)], 4));
     await new Promise((r) => setTimeout(r, 20));
     await engine.close();

@@ -82,7 +82,7 @@ t.test('engine on the tiny model', async (t) => {
   t.test('cancel ends a request with abort and frees its cells at once', async (t) => {
     let gen: ReturnType<Engine['generate']> | undefined;
     const events: EngineEvent[] = [];
-    gen = engine.generate({ prompt: prompts[0], images: [], sampling: greedy({ maxTokens: 100000 }) });
+    gen = engine.generate({ prompt: prompts[0], images: [], sampling: greedy({ maxTokens: -1 }) });
     for await (const ev of gen) {
       events.push(ev);
       if (events.length === 2) gen.cancel();
@@ -178,7 +178,7 @@ t.test('engine on the tiny model', async (t) => {
   });
 
   t.test('cancel during an n=3 request ends every choice', async (t) => {
-    const gen = engine.generate({ prompt: prompts[5], images: [], sampling: greedy({ maxTokens: 100000 }), n: 3 });
+    const gen = engine.generate({ prompt: prompts[5], images: [], sampling: greedy({ maxTokens: -1 }), n: 3 });
     const finishes: string[] = [];
     let events = 0;
     for await (const ev of gen) {

@@ -3,10 +3,18 @@
 import { loadAddon } from './native.js';
 import type {
   ChatTemplateMessage, EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats, EngineTimings,
-  NativeEngine, SamplingParams,
+  NativeEngine, PromptAccepted, SamplingParams,
 } from './native-types.js';
 
 export type { EngineEvent, EngineImage, EngineInfo, EngineOptions, EngineStats, EngineTimings, SamplingParams, ChatTemplateMessage };
+
+export type EngineFinish = NonNullable<EngineEvent['finish']>;
+
+/**
+ * How the engine took a request: its prompt accepted (the prompt's KV cells, images included, and
+ * the output length it gets), or the finish that ended it first (a refused prompt, a cancel).
+ */
+export type Admission = ({ accepted: true } & PromptAccepted) | { accepted: false; finish: EngineFinish };
 
 export interface GenerateInput {
   /** Choices sampled from one shared prefill (default 1). */
@@ -24,9 +32,14 @@ export class Generation implements AsyncIterable<EngineEvent> {
   private unfinished: number;
   /** Time the request was handed to the engine (ms, performance.now()). */
   readonly submittedAt = performance.now();
+  /** Settles once the engine has checked the prompt (before any token), or ended the request first. */
+  readonly admission: Promise<Admission>;
+  private admit!: (a: Admission) => void;
+  private admitted = false;
 
   constructor(readonly id: number, readonly n: number, private readonly cancelFn: (id: number) => void) {
     this.unfinished = n;
+    this.admission = new Promise((resolve) => (this.admit = resolve));
   }
 
   private doneCallbacks: (() => void)[] = [];
@@ -39,6 +52,11 @@ export class Generation implements AsyncIterable<EngineEvent> {
 
   /** Called by Engine when events for this request arrive. */
   push(ev: EngineEvent): void {
+    if (!this.admitted && (ev.accepted || ev.finish)) {
+      this.admitted = true;
+      this.admit(ev.accepted ? { accepted: true, ...ev.accepted } : { accepted: false, finish: ev.finish! });
+    }
+    if (ev.accepted) return;  // not part of the stream: it carries no output
     this.queue.push(ev);
     if (ev.finish && --this.unfinished === 0) {
       this.done = true;

@@ -72,6 +72,7 @@ export interface SamplingParams {
   frequencyPenalty: number;
   /** -1 = random. */
   seed: number;
+  /** Output tokens at most; -1: the rest of the context (--max-model-len less the prompt), as vLLM's default. */
   maxTokens: number;
   minTokens: number;
   ignoreEos: boolean;
@@ -109,11 +110,22 @@ export interface TokenLogprob {
 
 export type FinishReason = 'stop' | 'length' | 'abort' | 'error';
 
+/** Whose fault a failed request is (llama-server's error types): client -> 400, capacity -> 503, internal -> 500. */
+export type ErrorKind = 'client' | 'capacity' | 'internal';
+
+/** The engine took the request's prompt: its KV cells (images included, counted once) and the output length it gets. */
+export interface PromptAccepted {
+  promptTokens: number;
+  maxTokens: number;
+}
+
 /** A batch of progress for one request; events reach JS in batches, one callback per engine step at most. */
 export interface EngineEvent {
   id: number;
   /** Choice index, 0..n-1. */
   index: number;
+  /** On choice 0, once, before any token: the prompt passed the engine's checks (Generation.admission). */
+  accepted?: PromptAccepted;
   /** Token ids generated since the last event. */
   tokens: number[];
   /** Text released since the last event (stop strings and incomplete UTF-8 held back). */
@@ -126,6 +138,12 @@ export interface EngineEvent {
     completionTokens: number;
     /** Why the request failed, when reason is 'error'. */
     error?: string;
+    /** With reason 'error': whose fault it was. */
+    errorKind?: ErrorKind;
+    /** A client fault's request field ('prompt', 'max_tokens', 'n'). */
+    errorParam?: string;
+    /** A client fault's OpenAI error code ('context_length_exceeded'), if any. */
+    errorCode?: string;
     /** The stop string or token id that ended the request, when one did. */
     stoppedBy?: string | number;
     /** Time in the engine; absent when the request never got a sequence (cancelled while queued, bad prompt). */
@@ -197,6 +215,8 @@ export interface EngineInfo {
   chatTemplate: string;
   mediaMarker: string;
   nCtx: number;
+  /** Longest sequence (prompt + output) in tokens: maxModelLen, or what one sequence's KV holds. */
+  maxModelLen: number;
   nCtxTrain: number;
   nVocab: number;
   hasVision: boolean;
