@@ -228,7 +228,7 @@ main() {
   if [ "$(left)" -gt 50 ]; then
     timeout $(( $(left1) > 90 ? 90 : $(left1) )) node --input-type=module -e "
       import { Engine } from './dist/src/engine/engine.js';
-      import { describeKvCache } from './dist/src/entrypoints/openai/kv-cache-sizing.js';
+      import { describeKvCache } from './dist/src/config/kv-cache-sizing.js';
       for (const visionEncoder of ['llama.cpp', 'caprl']) {
         const e = new Engine({ model: '$WORK/models/$PRESET-$dt0.gguf', mmproj: '$WORK/models/mmproj-$PRESET-$dt0.gguf',
           memoryFraction: 0.9, maxModelLen: 8192, maxSeqs: $seqs, nBatch: 2048, logLevel: 'error', visionEncoder });

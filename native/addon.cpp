@@ -187,6 +187,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
             InstanceMethod("flush", &EngineWrap::Flush),
             InstanceMethod("cancel", &EngineWrap::Cancel),
             InstanceMethod("tokenize", &EngineWrap::Tokenize),
+            InstanceMethod("tokenizePrompt", &EngineWrap::TokenizePrompt),
             InstanceMethod("detokenize", &EngineWrap::Detokenize),
             InstanceMethod("applyChatTemplate", &EngineWrap::ApplyChatTemplate),
             InstanceMethod("stats", &EngineWrap::Stats),
@@ -325,6 +326,36 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         Napi::Array a = Napi::Array::New(env, toks.size());
         for (size_t i = 0; i < toks.size(); i++) a.Set((uint32_t) i, toks[i]);
         return a;
+    }
+
+    // tokenizePrompt(prompt, imageSizes, addSpecial): the parts as the engine takes the prompt,
+    // text parts as token ids and images as their KV cells; throws with the engine's message.
+    Napi::Value TokenizePrompt(const Napi::CallbackInfo & info) {
+        Napi::Env env = info.Env();
+        if (!info[1].IsArray()) throw Napi::TypeError::New(env, "imageSizes must be an array");
+        Napi::Array sizes = info[1].As<Napi::Array>();
+        std::vector<ImagePtr> images;
+        for (uint32_t i = 0; i < sizes.Length(); i++) {
+            Napi::Object o = require_object(sizes.Get(i), "image size");
+            auto img = std::make_shared<Image>();
+            img->width = (uint32_t) get_number(o, "width", 0);
+            img->height = (uint32_t) get_number(o, "height", 0);
+            images.push_back(std::move(img));
+        }
+        PreparedPrompt p = engine(env).tokenize_prompt(info[0].ToString().Utf8Value(), std::move(images), info[2].ToBoolean());
+        if (p.failed()) throw Napi::Error::New(env, p.error.message);
+        Napi::Array out = Napi::Array::New(env, p.parts.size());
+        for (size_t k = 0; k < p.parts.size(); k++) {
+            const PromptPart & part = p.parts[k];
+            if (part.media) {
+                out.Set((uint32_t) k, part.n_cells());
+                continue;
+            }
+            Napi::Array toks = Napi::Array::New(env, part.tokens.size());
+            for (size_t i = 0; i < part.tokens.size(); i++) toks.Set((uint32_t) i, part.tokens[i]);
+            out.Set((uint32_t) k, toks);
+        }
+        return out;
     }
 
     Napi::Value Detokenize(const Napi::CallbackInfo & info) {

@@ -270,12 +270,11 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts) {
                                      : n_vocab >= 32768 ? (int32_t) std::min(threads_, 8u) : 1;
     runner_ = std::make_unique<ModelRunner>(ctx_, mtmd_, std::move(token_embd), vocab_, n_vocab, *eog_, sampling_threads, runner_counters_);
 
-    PromptPrepContext prep_ctx;
-    prep_ctx.vocab = vocab_;
-    prep_ctx.mtmd = mtmd_;
-    prep_ctx.placeholder_images = caprl_vision_ != nullptr;
-    prep_ctx.max_model_len = info_.max_model_len;
-    prep_ = std::make_unique<PromptPrep>(prep_ctx, [this] { wake_from_worker(); });
+    prep_ctx_.vocab = vocab_;
+    prep_ctx_.mtmd = mtmd_;
+    prep_ctx_.placeholder_images = caprl_vision_ != nullptr;
+    prep_ctx_.max_model_len = info_.max_model_len;
+    prep_ = std::make_unique<PromptPrep>(prep_ctx_, [this] { wake_from_worker(); });
     io_ = std::make_unique<ThreadsIo>(*prep_, vision_.get());
 
     SchedulerConfig sc;
@@ -385,6 +384,10 @@ std::vector<llama_token> Engine::tokenize(const std::string & text, bool add_spe
     return caprl::tokenize(vocab_, text, add_special, parse_special);
 }
 
+PreparedPrompt Engine::tokenize_prompt(const std::string & prompt, std::vector<ImagePtr> && images, bool add_special) const {
+    return prepare_prompt(prep_ctx_, prompt, std::move(images), add_special, true);
+}
+
 std::string Engine::detokenize(const std::vector<llama_token> & tokens) const {
     std::string out(tokens.size() * 8 + 16, '\0');
     int32_t n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(), false, false);
@@ -424,13 +427,13 @@ void Engine::loop() {
                 if (stopping_) break;
             }
         }
-        const bool progress = step();
+        const StepOutcome done = step();
         // On a shared CPU every queued image is encoded before the next step (as llama-server
         // does): a burst's requests then start decoding together, instead of the first ones being
         // stalled, step after step, by the encoder passes of those behind them.
         bool encoded = false;
-        while (run_vision_pass(progress)) encoded = true;
-        idle = !encoded && !progress;
+        while (run_vision_pass(done.decoded)) encoded = true;
+        idle = !encoded && !done.progress;
     }
     // Shutting down: everything live ends as aborted.
     take_inbox();
@@ -451,7 +454,7 @@ void Engine::take_inbox() {
     for (int64_t id : cancels) scheduler_->cancel(id);
 }
 
-bool Engine::step() {
+Engine::StepOutcome Engine::step() {
     const auto started = Clock::now();
     take_inbox();
     output_->collect(*scheduler_);  // what ended outside a step (cancels, refusals): its cells freed next
@@ -462,8 +465,9 @@ bool Engine::step() {
     output_->accept(result);
     output_->collect(*scheduler_);
     count_step(plan, result);
+    const bool emitted = output_->emit();
     if (had_running) busy_ns_ += ns_between(started, Clock::now());
-    return output_->emit() || !plan.idle() || plan.progress;
+    return {emitted || !plan.idle() || plan.progress, !plan.idle()};
 }
 
 void Engine::count_step(const StepPlan & plan, const StepResult & result) {

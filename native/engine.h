@@ -81,6 +81,9 @@ class Engine {
     const EngineInfo & info() const { return info_; }
     EngineStats stats() const;
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    // A templated prompt as the engine will take it, images by their size only: its parts (text
+    // tokens, or an image's KV cells), tokenized as the prompt-prep thread does; error: why not.
+    PreparedPrompt tokenize_prompt(const std::string & prompt, std::vector<ImagePtr> && images, bool add_special) const;
     std::string detokenize(const std::vector<llama_token> & tokens) const;
     std::string apply_chat_template(const std::vector<ChatMessage> & messages, bool add_generation_prompt) const;
 
@@ -90,7 +93,11 @@ class Engine {
     void load();  // model, vision encoder, KV cache, context (the constructor's first half)
     void loop();
     void wake_from_worker();  // the vision worker or the prompt-prep thread has a result
-    bool step();              // one engine step; false when it made no progress
+    struct StepOutcome {
+        bool progress;  // anything happened (decodes, events, ends); false: nothing to do, or waiting on images
+        bool decoded;   // sequences were decoded: an encoder pass after it makes them wait
+    };
+    StepOutcome step();
     void take_inbox();
     // With the model and the vision encoder both on the CPU (cpu_turns_): runs the vision worker's
     // next encoder pass on this thread, if one is queued; steps_waiting: decoding waits for it.
@@ -109,6 +116,7 @@ class Engine {
     uint32_t threads_ = 0, vision_threads_ = 0;
     common_chat_templates_ptr templates_;
     std::unique_ptr<EogTokens> eog_;  // set once the vocabulary is loaded
+    PromptPrepContext prep_ctx_;
 
     // Shared with the JS thread.
     mutable std::mutex mu_;

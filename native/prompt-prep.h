@@ -41,8 +41,11 @@ struct PromptPrepContext {
     uint32_t max_model_len = 0;
 };
 
-// Tokenizes the prompt (images through mtmd) and checks it: the prompt-prep thread's work.
-PreparedPrompt prepare_prompt(const PromptPrepContext & ctx, const std::string & prompt, std::vector<ImagePtr> && images);
+// Tokenizes the prompt (images through mtmd) and checks it: the prompt-prep thread's work. With
+// sizes_only, the images' pixels are not read (an image may be its size alone): mtmd plans the
+// same tokens from a placeholder of each image's size (/tokenize's counts).
+PreparedPrompt prepare_prompt(const PromptPrepContext & ctx, const std::string & prompt, std::vector<ImagePtr> && images,
+                              bool add_special = true, bool sizes_only = false);
 
 // One prompt per pass; the engine is told when every prompt handed over so far is ready, so a
 // burst handed over together is admitted in one step, or after 50 ms, so that a burst of images

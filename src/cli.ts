@@ -1,5 +1,5 @@
 // The `caprl` command: subcommand dispatch. bin/caprl.js calls main(process.argv.slice(2)).
-import { CliFatalError, CliUsageError } from './entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError } from './config/cli-args.js';
 
 const USAGE = `usage: caprl <command> [options]
 
@@ -43,7 +43,7 @@ const COMMANDS = new Map<string, (argv: string[]) => Promise<number>>([
   ['serve', async (a) => (await import('./entrypoints/openai/serve.js')).runServe(a)],
   ['generate-model', runGenerateModelCommand],
   ['caption', async (a) => (await import('./workflows/caption-cli.js')).runCaptionCommand(a)],
-  ['run-batch', async (a) => (await import('./workflows/run-batch.js')).runRunBatchCommand(a)],
+  ['run-batch', async (a) => (await import('./entrypoints/openai/run-batch.js')).runRunBatchCommand(a)],
   ['eval', async (a) => (await import('./workflows/prism-eval.js')).runEvalCommand(a)],
 ]);
 

@@ -3,8 +3,8 @@ import t from 'tap';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { CliUsageError, formatHelp, parseArgs, type CommandSpec } from '../src/entrypoints/cli-args.js';
-import { engineOptionsFor, resolveChatTemplate, SERVE_SPEC, serveConfigFromArgs } from '../src/entrypoints/openai/serve.js';
+import { CliUsageError, formatHelp, parseArgs, type CommandSpec } from '../src/config/cli-args.js';
+import { engineOptionsFor, resolveChatTemplate, SERVE_SPEC, serveConfigFromArgs } from '../src/config/serve-config.js';
 
 const spec: CommandSpec = {
   usage: 'x',

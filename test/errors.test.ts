@@ -1,6 +1,6 @@
 // OpenAI error objects and the mapping of Fastify's own errors.
 import t from 'tap';
-import { ApiError, badRequest, internalError, modelNotFound, toApiError } from '../src/entrypoints/openai/errors.js';
+import { ApiError, badRequest, internalError, modelNotFound, toApiError } from '../src/serving/errors.js';
 
 t.test('error objects', async (t) => {
   t.same(badRequest('bad temperature', 'temperature').toJSON(), {

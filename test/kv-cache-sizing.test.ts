@@ -4,7 +4,7 @@
 import t from 'tap';
 import { Engine } from '../src/engine/engine.js';
 import type { EngineOptions } from '../src/engine/native-types.js';
-import { describeKvCache, kvCacheOnGpu, kvCacheSizing } from '../src/entrypoints/openai/kv-cache-sizing.js';
+import { describeKvCache, kvCacheOnGpu, kvCacheSizing } from '../src/config/kv-cache-sizing.js';
 import { greedy } from './helpers/engine-inputs.js';
 import { tinyModel } from './helpers/models.js';
 

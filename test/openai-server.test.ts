@@ -2,8 +2,8 @@
 // client and with raw HTTP where the client hides the wire.
 import t from 'tap';
 import OpenAI from 'openai';
-import { countPromptTokens, toTemplateMessages } from '../src/entrypoints/openai/chat.js';
-import { validateChatRequest } from '../src/entrypoints/openai/validate.js';
+import { toTemplateMessages } from '../src/serving/prompt.js';
+import { validateChatRequest } from '../src/serving/validate.js';
 import { prepareImageFromDataUri } from '../src/images/prepare.js';
 import { LLAMA_CPP_QWEN25VL_LIMITS } from '../src/images/qwen-resize.js';
 import { apiError, pngDataUri, startTestServer, waitFor, type TestServer } from './helpers/server.js';
@@ -45,7 +45,7 @@ t.test('OpenAI-compatible server on the tiny model', async (t) => {
     }
   });
 
-  t.test('our prompt-token count matches the engine, text and images', async (t) => {
+  t.test('the prompt-token count of /tokenize\'s path (image sizes alone) matches the generation\'s, text and images', async (t) => {
     // 56x56 is inside HF's limits but under llama.cpp's 6272 px minimum: it must reach the
     // engine already grown to 84x84, or the engine would resize it and count 9 tokens, not 4.
     for (const [w, h, text] of [[224, 264, 'Describe.'], [100, 140, 'Bonjour, décris cette image ✨'], [56, 56, 'small']] as const) {
@@ -59,7 +59,7 @@ t.test('OpenAI-compatible server on the tiny model', async (t) => {
       const { templateMessages } = toTemplateMessages(v.messages, s.engine.info.mediaMarker);
       const prompt = s.engine.applyChatTemplate(templateMessages, true);
       const img = await prepareImageFromDataUri(uri, LLAMA_CPP_QWEN25VL_LIMITS);
-      const ours = countPromptTokens(s.engine, prompt, [img]);
+      const ours = s.engine.tokenizePrompt(prompt, [img]).reduce<number>((n, p) => n + (typeof p === 'number' ? p : p.length), 0);
       const r = await s.client.chat.completions.create(body as OpenAI.ChatCompletionCreateParamsNonStreaming);
       t.equal(ours, r.usage!.prompt_tokens, `${img.width}x${img.height} image`);
     }
@@ -192,6 +192,8 @@ t.test('OpenAI-compatible server on the tiny model', async (t) => {
 
     e = await apiError(s.client.chat.completions.create({ model: 'caprl', messages: [{ role: 'user', content: 'word '.repeat(1100) }] }));
     t.equal(e.status, 400);
+    t.equal(e.param, 'messages', 'the prompt\'s field, as vLLM names it');
+    t.equal(e.code, 'context_length_exceeded');
     t.match(e.message, /maximum context length is 1024 tokens/);
 
     e = await apiError(s.client.chat.completions.create({

@@ -5,13 +5,12 @@
 import t from 'tap';
 import { Writable } from 'node:stream';
 import sharp from 'sharp';
-import {
-  Admission, ADMISSION_FLAGS, admissionConfigFromArgs,
-} from '../src/entrypoints/openai/admission.js';
+import { ADMISSION_FLAGS, admissionConfigFromArgs } from '../src/config/admission-config.js';
+import { Admission } from '../src/entrypoints/openai/admission.js';
 import { requestId } from '../src/entrypoints/openai/operations.js';
-import { SERVE_SPEC } from '../src/entrypoints/openai/serve.js';
+import { SERVE_SPEC } from '../src/config/serve-config.js';
 import { GracefulShutdown } from '../src/entrypoints/openai/shutdown.js';
-import { CliUsageError } from '../src/entrypoints/cli-args.js';
+import { CliUsageError } from '../src/config/cli-args.js';
 import { scrape } from './helpers/prom.js';
 import { pngDataUri, startTestServer, waitFor, type TestServer } from './helpers/server.js';
 

@@ -1,7 +1,7 @@
 // Chat request validation and defaulting (vLLM semantics), field by field.
 import t, { type Test } from 'tap';
-import { ApiError } from '../src/entrypoints/openai/errors.js';
-import { resolveMaxTokens, validateChatRequest, type ValidationContext } from '../src/entrypoints/openai/validate.js';
+import { ApiError } from '../src/serving/errors.js';
+import { validateChatRequest, type ValidationContext } from '../src/serving/validate.js';
 
 const ctx: ValidationContext = { servedModelNames: ['caprl', 'caprl-alias'], nVocab: 1000 };
 const msgs = [{ role: 'user', content: 'hi' }];
@@ -165,23 +165,4 @@ t.test('unsupported features are refused, not ignored', async (t) => {
   bad(t, { best_of: 3 }, 'best_of');
   bad(t, { echo: true }, 'echo');
   bad(t, { guided_json: {} }, 'guided_json');
-});
-
-t.test('resolveMaxTokens: vLLM context rules and messages', async (t) => {
-  t.equal(resolveMaxTokens(null, 100, 4096), 3996, 'absent: fill the context');
-  t.equal(resolveMaxTokens(50, 100, 4096), 50);
-  t.equal(resolveMaxTokens(3996, 100, 4096), 3996, 'exactly fits');
-  t.throws(() => resolveMaxTokens(3997, 100, 4096), {
-    status: 400,
-    param: 'max_tokens',
-    message: "This model's maximum context length is 4096 tokens. However, you requested 4097 tokens (100 in the messages, 3997 in the completion). Please reduce the length of the messages or completion.",
-  });
-  t.throws(() => resolveMaxTokens(null, 4096, 4096), {
-    status: 400,
-    param: 'messages',
-    message: "This model's maximum context length is 4096 tokens. However, you requested 4096 tokens in the messages, Please reduce the length of the messages.",
-  });
-  const e = (() => { try { resolveMaxTokens(1, 5000, 4096); } catch (err) { return err; } })();
-  t.ok(e instanceof ApiError);
-  t.same((e as ApiError).toJSON().error.code, 'context_length_exceeded');
 });

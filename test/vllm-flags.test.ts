@@ -4,9 +4,9 @@ import t from 'tap';
 import { mkdtempSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { formatHelp, parseArgs } from '../src/entrypoints/cli-args.js';
-import { SERVE_SPEC, serveConfigFromArgs } from '../src/entrypoints/openai/serve.js';
-import { parseLimitMmPerPrompt, parseMmProcessorKwargs, vllmCompatConfig } from '../src/entrypoints/openai/vllm-flags.js';
+import { formatHelp, parseArgs } from '../src/config/cli-args.js';
+import { SERVE_SPEC, serveConfigFromArgs } from '../src/config/serve-config.js';
+import { parseLimitMmPerPrompt, parseMmProcessorKwargs, vllmCompatConfig } from '../src/config/vllm-flags.js';
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'caprl-vflags-'));
 const model = path.join(dir, 'm.gguf');

@@ -63,7 +63,7 @@ t.test('in-process captioning', async (t) => {
   const { model, mmproj } = await tinyModel();
   const engine = new Engine({ model, mmproj, nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
   t.teardown(() => engine.close());
-  const captioner = new EngineCaptioner(engine, 'tiny', { maxModelLen: 1024, maxSeqs: 4 });
+  const captioner = new EngineCaptioner(engine, 'tiny', { maxSeqs: 4 });
   const source = await openInputSource(images);
 
   const full = path.join(tmp, 'full.jsonl');

@@ -21,7 +21,7 @@ interface ErrorBody {
 t.test('workflow routes', async (t) => {
   const s: TestServer = await startTestServer({
     engine: { nThreads: 1, maxSeqs: 4, maxModelLen: 2048 },
-    server: { uploadLimits: { fileSize: FILE_LIMIT, files: 3, totalSize: 2 * FILE_LIMIT } },
+    uploadLimits: { fileSize: FILE_LIMIT, files: 3, totalSize: 2 * FILE_LIMIT },
   });
   t.teardown(() => s.close());
   const a = await png(1);

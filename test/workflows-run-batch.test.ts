@@ -9,7 +9,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Engine } from '../src/engine/engine.js';
 import { buildServer } from '../src/entrypoints/openai/server.js';
-import { BatchInputError, runBatchFile } from '../src/workflows/run-batch.js';
+import { BatchInputError, runBatchFile } from '../src/entrypoints/openai/run-batch.js';
 import { tinyModel } from './helpers/models.js';
 import { pngDataUri } from './helpers/server.js';
 
@@ -34,7 +34,7 @@ const chat = (extra: Record<string, unknown>) => ({ model: 'caprl', max_tokens: 
 t.test('run-batch', async (t) => {
   const { model, mmproj } = await tinyModel();
   const engine = new Engine({ model, mmproj, nCtx: 4096, maxSeqs: 4, nBatch: 512, nThreads: 1, logLevel: 'error' });
-  const app = buildServer({ engine, servedModelNames: ['caprl'], modelPath: model, maxModelLen: 1024 });
+  const app = buildServer({ engine, servedModelNames: ['caprl'], modelPath: model });
   await app.ready();
   t.teardown(async () => {
     await app.close();

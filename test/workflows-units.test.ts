@@ -21,7 +21,7 @@ import {
   shuffleQuestion, summarizeScores, type MultipleChoice,
 } from '../src/workflows/qa.js';
 import { aggregateRewards, planAsks, scoreReply, type AnswerDetail } from '../src/workflows/qa-reward.js';
-import { BatchInputError, batchErrorOutput, batchOutput, parseBatchLine } from '../src/workflows/run-batch.js';
+import { BatchInputError, batchErrorOutput, batchOutput, parseBatchLine } from '../src/entrypoints/openai/run-batch.js';
 import { inShard, parseShard, shardOf, ShardSpecError } from '../src/workflows/shard.js';
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'caprl-wf-units-'));

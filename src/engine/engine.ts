@@ -175,6 +175,11 @@ export class Engine {
     return this.native.tokenize(text, addSpecial, parseSpecial);
   }
 
+  /** The prompt's parts as the engine takes them: token ids of each text part, KV cells of each image. */
+  tokenizePrompt(prompt: string, images: { width: number; height: number }[], addSpecial = true): (number[] | number)[] {
+    return this.native.tokenizePrompt(prompt, images.map(({ width, height }) => ({ width, height })), addSpecial);
+  }
+
   detokenize(tokens: number[]): string {
     return this.native.detokenize(tokens);
   }

@@ -315,6 +315,11 @@ export interface NativeEngine {
   /** Cancels a live request; its final event has reason 'abort'. Unknown ids are ignored. */
   cancel(id: number): void;
   tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): number[];
+  /**
+   * A templated prompt as the engine takes it, images by their size: each part's token ids, or an
+   * image's KV cells (mtmd's plan). Throws with the engine's message (a marker without its image ...).
+   */
+  tokenizePrompt(prompt: string, imageSizes: { width: number; height: number }[], addSpecial: boolean): (number[] | number)[];
   detokenize(tokens: number[]): string;
   /** Renders messages with the chat template through llama.cpp's common chat code (jinja), as llama-server does. */
   applyChatTemplate(messages: ChatTemplateMessage[], addGenerationPrompt: boolean): string;

@@ -12,17 +12,9 @@ import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
 import { convertHfFolder, ConvertOptionError, type ConvertResult } from '../convert/convert.js';
 import { ModelFolderError } from '../convert/hf-folder.js';
-import { CliFatalError, CliUsageError, type FlagSpec, type ParsedValue } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, type ParsedValue } from '../config/cli-args.js';
 import { HubClient, HubError, hubOptionsFromEnv, isRepoId, type HubOptions } from './hub.js';
 import { createProgress, type ProgressStream } from './progress.js';
-
-/** The flags `caprl serve` takes for where a model comes from and how it is converted (vLLM's names). */
-export const MODEL_SOURCE_FLAGS: FlagSpec[] = [
-  { name: 'revision', type: 'string', dest: 'revision', help: 'branch, tag or commit of a Hugging Face repo-id MODEL (default: main)' },
-  { name: 'download-dir', type: 'string', dest: 'downloadDir', metavar: 'DIR', help: 'Hugging Face cache to download into and read from (default: $HF_HUB_CACHE, else $HF_HOME/hub)' },
-  { name: 'dtype', type: 'string', dest: 'dtype', choices: ['auto', 'bfloat16', 'bf16', 'float16', 'f16', 'half'], help: 'weight type when converting safetensors to GGUF; auto: bf16 for bf16 weights, else f16 (default: auto)' },
-  { name: 'quantization', aliases: ['q'], type: 'string', dest: 'quantization', metavar: 'TYPE', help: 'quantize when converting safetensors: q8_0 (q4_k_m and other k-quants: not supported yet)' },
-];
 
 export type ModelSourceKind = 'gguf' | 'folder' | 'hub';
 

@@ -26,12 +26,12 @@ export interface ObserveContext {
   /** performance.now() when its body had been parsed (preprocessing starts); absent: not measured. */
   parsedAt?: number;
   images: number;
-  maxTokens: number;
   /**
-   * Asked when a choice ends with reason 'abort': an error to throw instead of passing the event
-   * on (the request timed out), or undefined (the client left: pass it on).
+   * The request's max_tokens as the engine resolved it (unset: the rest of the context), once it
+   * took the prompt; null for a prompt it refused as a client fault, which is not counted (vLLM
+   * refuses those before its engine).
    */
-  abortError?: () => Error | undefined;
+  maxTokens: number | null | Promise<number | null>;
   /** Told about each finished choice (for the request's log line). */
   onChoiceFinished?: (c: ChoiceSummary) => void;
 }
@@ -49,9 +49,14 @@ export async function* observeGeneration(
   ctx: ObserveContext,
 ): AsyncGenerator<EngineEvent, void, undefined> {
   const submittedAt = performance.now();
+  const maxTokens = await ctx.maxTokens;
+  if (maxTokens === null) {
+    for await (const ev of gen) yield ev;
+    return;
+  }
   metrics.requestStarted(
     gen.n,
-    ctx.maxTokens,
+    maxTokens,
     ctx.images,
     ctx.parsedAt === undefined ? undefined : Math.max(0, submittedAt - ctx.parsedAt) / 1000,
   );
@@ -83,13 +88,6 @@ export async function* observeGeneration(
         timings: f.timings,
       });
       ctx.onChoiceFinished?.({ index: ev.index, reason: f.reason, promptTokens: f.promptTokens, completionTokens: f.completionTokens });
-      if (f.reason === 'abort') {
-        const err = ctx.abortError?.();
-        if (err) {
-          gen.cancel();
-          throw err;
-        }
-      }
     }
     yield ev;
   }

@@ -5,10 +5,8 @@
 // instruction asks for "The answer is X.").
 import type { Engine } from '../engine/engine.js';
 import type { SamplingParams } from '../engine/native-types.js';
-import { countPromptTokens, toTemplateMessages } from '../entrypoints/openai/chat.js';
-import { ApiError } from '../entrypoints/openai/errors.js';
-import { choiceFailure, collectChoices, startGeneration } from '../entrypoints/openai/generation.js';
-import { resolveMaxTokens } from '../entrypoints/openai/validate.js';
+import { choiceFailure, collectChoices, startGeneration } from '../serving/generation.js';
+import { toTemplateMessages } from '../serving/prompt.js';
 import { samplingSettings, type SamplingSettings } from './caption.js';
 import type { EndpointPool } from './endpoints.js';
 import { RecordError, errorMessage } from './errors.js';
@@ -88,16 +86,14 @@ export function answerSettings(s: AnswerSettingsInput, defaultMaxTokens: number 
 /** A model in our engine (a text GGUF; a vision model's text side works too). */
 export class EngineAnswerer implements Answerer {
   readonly defaultConcurrency: number;
-  private readonly maxModelLen: number;
   private readonly prefix: string;
 
   constructor(
     private readonly engine: Engine,
     readonly name: string,
     private readonly settings: SamplingSettings = answerSettings({}),
-    opts: { maxModelLen?: number; maxSeqs?: number; prefix?: string } = {},
+    opts: { maxSeqs?: number; prefix?: string } = {},
   ) {
-    this.maxModelLen = Math.min(opts.maxModelLen ?? engine.info.nCtx, engine.info.nCtx);
     this.defaultConcurrency = 4 * (opts.maxSeqs ?? 16);
     this.prefix = opts.prefix ?? ANSWER_PREFIX;
   }
@@ -113,19 +109,13 @@ export class EngineAnswerer implements Answerer {
     } catch (err) {
       throw new RecordError(`could not build the answerer prompt: ${errorMessage(err)}`, 'invalid_prompt', { cause: err });
     }
-    let maxTokens: number;
-    try {
-      maxTokens = resolveMaxTokens(this.settings.maxTokens, countPromptTokens(this.engine, prompt, []), this.maxModelLen);
-    } catch (err) {
-      if (err instanceof ApiError) throw new RecordError(err.message, err.code, { cause: err });
-      throw err;
-    }
-    const sampling: SamplingParams = { ...this.settings.sampling, maxTokens, seed };
+    // max_tokens unset: the rest of the context (the engine counts the prompt and checks it).
+    const sampling: SamplingParams = { ...this.settings.sampling, maxTokens: this.settings.maxTokens ?? -1, seed };
     const gen = startGeneration(this.engine, { prompt, images: [], sampling, n: 1 }, signal ?? new AbortController().signal);
     const [c] = await collectChoices(gen);
     if (!c || c.finish.reason === 'abort') throw new Error('the answer was cancelled');
     const failed = choiceFailure(c.finish);
-    if (failed) throw new RecordError(failed.message, 'generation_failed');
+    if (failed) throw new RecordError(failed.message, failed.status === 400 ? failed.code : 'generation_failed');
     return { text: c.text, promptTokens: c.finish.promptTokens, completionTokens: c.finish.completionTokens };
   }
 }

@@ -1,7 +1,7 @@
 // `caprl caption INPUT -o out.jsonl`: bulk captioning, in this process or against servers.
 import path from 'node:path';
 import type { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, int, parseArgsOrHelp, positiveInt, requireStr, str, strings, type CommandSpec } from '../entrypoints/cli-args.js';
+import { CliFatalError, CliUsageError, int, parseArgsOrHelp, positiveInt, requireStr, str, strings, type CommandSpec } from '../config/cli-args.js';
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult } from './caption.js';
 import {
   RETRIES_FLAG, endpointOptions, engineFlags, openEngineFromFlags, samplingFlags, settingsFromFlags, shardFromFlags, stopSignals,
@@ -86,7 +86,6 @@ export async function runCaptionCommand(argv: readonly string[]): Promise<number
     try {
       const name = opened.cfg.servedModelNames[0];
       captioner = new EngineCaptioner(engine, !name || name === opened.cfg.model ? path.basename(opened.cfg.model) : name, {
-        maxModelLen: opened.cfg.maxModelLen,
         maxSeqs: opened.cfg.maxNumSeqs,
       });
     } catch (err) {

@@ -4,12 +4,12 @@
 // running OpenAI-compatible servers. Both apply the chat endpoint's rules: the same chat
 // template and prompt assembly, the same sampling validation and defaults, the same
 // context-length check.
-import type { Engine } from '../engine/engine.js';
+import type { Engine, Generation } from '../engine/engine.js';
 import type { EngineImage, SamplingParams } from '../engine/native-types.js';
-import { countPromptTokens, toTemplateMessages } from '../entrypoints/openai/chat.js';
-import { choiceFailure, collectChoices, derivedSeed, finishToResponse, startGeneration, usageOf } from '../entrypoints/openai/generation.js';
-import { ApiError } from '../entrypoints/openai/errors.js';
-import { resolveMaxTokens, validateChatRequest } from '../entrypoints/openai/validate.js';
+import { choiceFailure, collectChoices, derivedSeed, finishToResponse, startGeneration, usageOf } from '../serving/generation.js';
+import { ApiError } from '../serving/errors.js';
+import { toTemplateMessages } from '../serving/prompt.js';
+import { validateChatRequest } from '../serving/validate.js';
 import type { ImageFormat } from '../images/decode-data-uri.js';
 import { ImageInputError } from '../images/errors.js';
 import { prepareImage, type PrepareOptions } from '../images/prepare.js';
@@ -56,8 +56,8 @@ export interface CaptionResult {
 export interface PreparedCaption {
   prompt: string;
   images: EngineImage[];
-  promptTokens: number;
-  maxTokens: number;
+  /** null: the rest of the context (the engine counts the prompt). */
+  maxTokens: number | null;
 }
 
 export interface ImageInput {
@@ -80,23 +80,21 @@ export interface Captioner {
 /** The engine in this process. */
 export class EngineCaptioner implements Captioner {
   readonly defaultConcurrency: number;
-  private readonly maxModelLen: number;
   private readonly imageOptions: PrepareOptions;
 
   constructor(
     private readonly engine: Engine,
     readonly model: string,
-    opts: { maxModelLen?: number; imageOptions?: PrepareOptions; maxSeqs?: number } = {},
+    opts: { imageOptions?: PrepareOptions; maxSeqs?: number } = {},
   ) {
     if (!engine.info.hasVision) throw new Error('the model has no vision projector: give --mmproj');
-    this.maxModelLen = Math.min(opts.maxModelLen ?? engine.info.nCtx, engine.info.nCtx);
     this.imageOptions = opts.imageOptions ?? { ...LLAMA_CPP_QWEN25VL_LIMITS };
     this.defaultConcurrency = opts.maxSeqs ?? 16;
   }
 
   /**
-   * Prompt + prepared image, as the chat endpoint builds them for [image, text] content, with
-   * the completion budget checked against the context. Throws RecordError.
+   * Prompt + prepared image, as the chat endpoint builds them for [image, text] content (the
+   * engine counts the prompt and checks it against the context when it starts). Throws RecordError.
    */
   async prepare(image: ImageInput | EngineImage, prompt: string, maxTokensRequested: number | null): Promise<PreparedCaption> {
     let img: EngineImage;
@@ -121,23 +119,33 @@ export class EngineCaptioner implements Captioner {
     } catch (err) {
       throw new RecordError(`bad prompt: ${errorMessage(err)}`, 'invalid_prompt', { cause: err });
     }
-    const promptTokens = countPromptTokens(this.engine, text, [img]);
-    try {
-      return { prompt: text, images: [img], promptTokens, maxTokens: resolveMaxTokens(maxTokensRequested, promptTokens, this.maxModelLen) };
-    } catch (err) {
-      if (err instanceof ApiError) throw new RecordError(err.message, err.code, { cause: err });
-      throw err;
-    }
+    return { prompt: text, images: [img], maxTokens: maxTokensRequested };
   }
 
   async caption(image: ImageInput, prompt: string, settings: SamplingSettings, n: number, seed: number | undefined, signal?: AbortSignal): Promise<CaptionResult> {
     return this.generate(await this.prepare(image, prompt, settings.maxTokens), settings.sampling, n, seed, signal);
   }
 
-  /** Generates from a prepared prompt. A failed choice is a RecordError; a cancelled one an Error. */
+  /** Starts a generation from a prepared prompt (Generation.admission: the engine's verdict on it). */
+  start(p: PreparedCaption, base: SamplingParams, n: number, seed: number | undefined, signal?: AbortSignal): Generation {
+    const sampling: SamplingParams = { ...base, maxTokens: p.maxTokens ?? -1, seed: seed ?? base.seed };
+    return startGeneration(this.engine, { prompt: p.prompt, images: p.images, sampling, n }, signal ?? new AbortController().signal);
+  }
+
+  /** Generates from a prepared prompt. A refused prompt or a failed choice is a RecordError; a cancelled one an Error. */
   async generate(p: PreparedCaption, base: SamplingParams, n: number, seed: number | undefined, signal?: AbortSignal): Promise<CaptionResult> {
-    const sampling: SamplingParams = { ...base, maxTokens: p.maxTokens, seed: seed ?? base.seed };
-    const gen = startGeneration(this.engine, { prompt: p.prompt, images: p.images, sampling, n }, signal ?? new AbortController().signal);
+    const gen = this.start(p, base, n, seed, signal);
+    const a = await gen.admission;
+    if (!a.accepted) {
+      if (a.finish.reason === 'abort') throw new Error('generation was cancelled');
+      const refused = choiceFailure(a.finish, { promptParam: 'prompt' })!;
+      throw new RecordError(refused.message, refused.status === 400 ? refused.code : 'generation_failed');
+    }
+    return this.collect(gen);
+  }
+
+  /** A started generation's captions. A failed choice is a RecordError; a cancelled one an Error. */
+  async collect(gen: Generation): Promise<CaptionResult> {
     const choices = await collectChoices(gen);
     for (const c of choices) {
       if (c.finish.reason === 'abort') throw new Error('generation was cancelled');

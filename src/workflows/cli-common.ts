@@ -3,9 +3,9 @@
 // sampling flags map to the chat request fields and are validated exactly as a request is.
 import { setMaxListeners } from 'node:events';
 import { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, int, str, type FlagSpec, type ParsedValue } from '../entrypoints/cli-args.js';
-import { ApiError } from '../entrypoints/openai/errors.js';
-import { SERVE_SPEC, engineOptionsFor, serveConfigFromArgs, type ServeConfig } from '../entrypoints/openai/serve.js';
+import { CliFatalError, CliUsageError, int, str, type FlagSpec, type ParsedValue } from '../config/cli-args.js';
+import { ApiError } from '../serving/errors.js';
+import { SERVE_SPEC, engineOptionsFor, serveConfigFromArgs, type ServeConfig } from '../config/serve-config.js';
 import { resolveServeModel } from '../hub/model-source.js';
 import { samplingSettings, type SamplingSettings } from './caption.js';
 import type { EndpointPoolOptions } from './endpoints.js';

@@ -9,8 +9,8 @@
 import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, int, parseArgsOrHelp, positiveInt, requireStr, str, strings, type CommandSpec, type ParsedValue } from '../entrypoints/cli-args.js';
-import { ApiError } from '../entrypoints/openai/errors.js';
+import { CliFatalError, CliUsageError, int, parseArgsOrHelp, positiveInt, requireStr, str, strings, type CommandSpec, type ParsedValue } from '../config/cli-args.js';
+import { ApiError } from '../serving/errors.js';
 import { ANSWER_DEFAULTS, ENDPOINT_ANSWER_MAX_TOKENS, EndpointAnswerer, EngineAnswerer, answerSettings, type Answerer } from './answerer.js';
 import { DEFAULT_CAPTION_PROMPT, EndpointCaptioner, EngineCaptioner, runCaptionJob, type Captioner, type CaptionJobResult, type SamplingSettings } from './caption.js';
 import { summaryLine } from './caption-cli.js';
@@ -274,7 +274,7 @@ async function openAnswerer(v: Record<string, ParsedValue>): Promise<{ answerer:
   delete values.servedModelName;
   const { engine, cfg } = await openEngineFromFlags(values);
   return {
-    answerer: new EngineAnswerer(engine, path.basename(cfg.model), settings, { maxModelLen: cfg.maxModelLen, maxSeqs: cfg.maxNumSeqs }),
+    answerer: new EngineAnswerer(engine, path.basename(cfg.model), settings, { maxSeqs: cfg.maxNumSeqs }),
     engine,
   };
 }
@@ -336,7 +336,7 @@ export async function runEvalCommand(argv: readonly string[]): Promise<number> {
         const name = opened.cfg.servedModelNames[0];
         try {
           captioner = new EngineCaptioner(engine, !name || name === opened.cfg.model ? path.basename(opened.cfg.model) : name, {
-            maxModelLen: opened.cfg.maxModelLen, maxSeqs: opened.cfg.maxNumSeqs,
+            maxSeqs: opened.cfg.maxNumSeqs,
           });
         } catch (err) {
           await engine.close();

@@ -12,12 +12,14 @@ import multipart from '@fastify/multipart';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine } from '../engine/engine.js';
 import type { EngineImage } from '../engine/native-types.js';
-import { checkBearer, unauthorized } from '../entrypoints/openai/auth.js';
-import { prepareImages } from '../entrypoints/openai/chat.js';
-import { ApiError, badRequest, internalError, serviceUnavailable } from '../entrypoints/openai/errors.js';
-import { SeedSource, addUsage } from '../entrypoints/openai/generation.js';
-import type { Usage } from '../entrypoints/openai/protocol.js';
-import { describe, isObject, validateChatRequest, validateModelField } from '../entrypoints/openai/validate.js';
+import { checkBearer, unauthorized } from '../serving/auth.js';
+import type { ServingContext } from '../serving/context.js';
+import { requestDeadline } from '../serving/deadline.js';
+import { ApiError, badRequest, internalError, serviceUnavailable } from '../serving/errors.js';
+import { SeedSource, addUsage, admitted } from '../serving/generation.js';
+import { prepareImages } from '../serving/images.js';
+import type { Usage } from '../serving/protocol.js';
+import { describe, isObject, validateChatRequest, validateModelField } from '../serving/validate.js';
 import type { ImageSourceOptions } from '../images/image-source.js';
 import { sniffImageFormat } from '../images/decode-data-uri.js';
 import type { PrepareOptions } from '../images/prepare.js';
@@ -44,15 +46,7 @@ export const DEFAULT_UPLOAD_LIMITS: Required<UploadLimits> = { fileSize: 32 * 10
 /** Most answers one reward request may ask for. */
 export const MAX_REWARD_ASKS = 65536;
 
-export interface WorkflowRouteOptions {
-  engine: Engine;
-  servedModelNames: readonly string[];
-  maxModelLen: number;
-  imageOptions: PrepareOptions;
-  imageSource?: ImageSourceOptions;
-  maxNumSeqs?: number;
-  seed?: number;
-  isAccepting: () => boolean;
+export interface WorkflowRouteOptions extends ServingContext {
   uploadLimits?: UploadLimits;
   /** --api-key: /v1/* is checked by the app; /get_reward (outside /v1) is checked here. */
   apiKeys?: readonly string[];
@@ -152,7 +146,7 @@ export function registerWorkflowRoutes(app: FastifyInstance, opts: WorkflowRoute
   const limits: Required<UploadLimits> = { ...DEFAULT_UPLOAD_LIMITS, ...opts.uploadLimits };
   const seeds = new SeedSource(opts.seed);
   const captioner = engine.info.hasVision
-    ? new EngineCaptioner(engine, opts.servedModelNames[0]!, { maxModelLen: opts.maxModelLen, imageOptions: opts.imageOptions })
+    ? new EngineCaptioner(engine, opts.servedModelNames[0]!, { imageOptions: opts.imageOptions })
     : null;
 
   app.register(async (scope) => {
@@ -200,14 +194,13 @@ export function registerWorkflowRoutes(app: FastifyInstance, opts: WorkflowRoute
       }
       if (count > limits.files) throw badRequest(`At most ${limits.files} images per request, got ${count}`, 'images', 'too_many_images');
 
-      // Every image is decoded and measured before any generation starts: one bad image fails
-      // the request with a 400 naming it, as in chat.
+      // Every image is decoded before any generation starts: one bad image fails the request with
+      // a 400 naming it, as in chat.
       const measure = async (image: Parameters<EngineCaptioner['prepare']>[0], param: string, name: string | null): Promise<PreparedCaption> => {
         try {
           return await captioner.prepare(image, prompt, req.maxTokens);
         } catch (err) {
           if (!(err instanceof RecordError)) throw err;
-          if (err.code === 'context_length_exceeded') throw badRequest(err.message, 'max_tokens', err.code);
           throw badRequest(name ? `${name}: ${err.message}` : err.message, param, err.code);
         }
       };
@@ -241,12 +234,20 @@ export function registerWorkflowRoutes(app: FastifyInstance, opts: WorkflowRoute
         return undefined;
       }
       const created = Math.floor(Date.now() / 1000);
+      const deadline = requestDeadline(request);
+      const signal = AbortSignal.any([ac.signal, deadline]);
+      const gens = preparedAll.map((p) => captioner.start(p, seeds.apply(req.sampling), req.n, undefined, signal));
       let results: CaptionResult[];
       try {
-        results = await Promise.all(preparedAll.map((p) => {
-          const sampling = seeds.apply(req.sampling);
-          return captioner.generate(p, sampling, req.n, undefined, ac.signal);
-        }));
+        // The engine counts each prompt with its image and checks it against the context: one it
+        // refuses fails the request with a 400 (the first in order).
+        const verdicts = await Promise.allSettled(gens.map((g) => admitted(g, { deadline, promptParam: 'prompt' })));
+        const refused = verdicts.find((v) => v.status === 'rejected');
+        if (refused) {
+          for (const g of gens) g.cancel();
+          throw refused.reason;
+        }
+        results = await Promise.all(gens.map((g) => captioner.collect(g)));
       } catch (err) {
         if (ac.signal.aborted) {
           reply.hijack();
@@ -278,7 +279,7 @@ export function registerWorkflowRoutes(app: FastifyInstance, opts: WorkflowRoute
     const body = request.body;
     if (!isObject(body)) throw badRequest(`Request body must be a JSON object, got ${describe(body)}`);
     const parsed = shape === 'caprl' ? parseRewardRequest(body, opts.servedModelNames) : parseGetRewardRequest(body);
-    const answerer = new EngineAnswerer(engine, parsed.model ?? opts.servedModelNames[0]!, parsed.settings, { maxModelLen: opts.maxModelLen, maxSeqs: opts.maxNumSeqs });
+    const answerer = new EngineAnswerer(engine, parsed.model ?? opts.servedModelNames[0]!, parsed.settings, { maxSeqs: opts.maxNumSeqs });
     const ac = clientSignal(reply);
     let results: RewardResult[];
     try {

@@ -6,6 +6,7 @@ import OpenAI from 'openai';
 import sharp from 'sharp';
 import { Engine, type EngineOptions } from '../../src/engine/engine.js';
 import { buildServer, type ServerOptions } from '../../src/entrypoints/openai/server.js';
+import { registerWorkflowRoutes, type UploadLimits } from '../../src/workflows/routes.js';
 import { tinyModel } from './models.js';
 
 export interface TestServer {
@@ -28,6 +29,8 @@ export interface TestServerOptions {
   server?: Partial<Omit<ServerOptions, 'engine'>>;
   /** Leave the vision projector out. */
   textOnly?: boolean;
+  /** POST /v1/captions upload limits (src/workflows/routes.ts). */
+  uploadLimits?: UploadLimits;
 }
 
 export async function startTestServer(opts: TestServerOptions = {}): Promise<TestServer> {
@@ -49,8 +52,9 @@ export async function startTestServer(opts: TestServerOptions = {}): Promise<Tes
       engine,
       servedModelNames: ['caprl'],
       modelPath: engineOptions.model,
-      maxModelLen: engineOptions.maxModelLen,
       maxNumSeqs: engineOptions.maxSeqs,
+      // As `caprl serve`: the workflows' routes on the same app (uploads limited as the test asks).
+      mount: (app, ctx) => registerWorkflowRoutes(app, { ...ctx, apiKeys: opts.server?.apiKeys, uploadLimits: opts.uploadLimits }),
       ...opts.server,
     });
     await app.listen({ host: '127.0.0.1', port: 0 });

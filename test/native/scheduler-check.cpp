@@ -404,6 +404,31 @@ void context_checks() {
     for (auto & [id, acc] : h.accepted) found = found || (id == rest && acc.max_tokens == 60 && acc.prompt_tokens == 40);
     check(found, "without max_tokens the output may take the rest of the context");
     check(h.accepted.size() == 1, "refused prompts are not accepted");
+
+    // The rules and messages of vLLM's check, at its numbers (a 4096-token context, a 100-token prompt).
+    Harness v(config(4, 65536, 4096));
+    const int64_t absent = v.submit({{100}}, -1), fifty = v.submit({{100}}, 50), fits = v.submit({{100}}, 3996);
+    const int64_t one_over = v.submit({{100}}, 3997), full = v.submit({{4096}}, -1), longer = v.submit({{5000}}, 1);
+    v.step();
+    const auto max_of = [&](int64_t id) {
+        for (auto & [i, acc] : v.accepted) {
+            if (i == id) return acc.max_tokens;
+        }
+        return -2;
+    };
+    check_eq(max_of(absent), 3996, "absent: the rest of the context");
+    check_eq(max_of(fifty), 50, "50 as asked");
+    check_eq(max_of(fits), 3996, "exactly fits");
+    e = v.ending_of(one_over);
+    check(e && e->param == "max_tokens" &&
+              e->message == "This model's maximum context length is 4096 tokens. However, you requested 4097 tokens (100 in the messages, 3997 in the completion). Please reduce the length of the messages or completion.",
+          "one over: refused on max_tokens");
+    e = v.ending_of(full);
+    check(e && e->param == "prompt" &&
+              e->message == "This model's maximum context length is 4096 tokens. However, you requested 4096 tokens in the messages, Please reduce the length of the messages.",
+          "a prompt the size of the context: refused on the prompt");
+    e = v.ending_of(longer);
+    check(e && e->code == "context_length_exceeded" && e->kind == ErrorKind::kClient, "a longer one: context_length_exceeded, a client fault");
 }
 
 }  // namespace

@@ -1,90 +1,29 @@
 // POST /v1/chat/completions: validated request -> images loaded (data:, http(s), file://) and
-// prepared -> chat template -> prompt measured against the context -> engine (n choices from
-// one prefill) -> one JSON response, or an SSE stream whose chunks carry each choice's index.
+// prepared -> chat template -> engine (n choices from one prefill; the engine counts the prompt
+// and checks it against the context, once) -> one JSON response, or an SSE stream whose chunks
+// carry each choice's index.
 // A client that disconnects aborts its generation (AbortSignal -> engine cancel), so the
 // engine frees the request's KV cells at once.
 import { randomBytes } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine } from '../../engine/engine.js';
-import type { ChatTemplateMessage, EngineImage, TokenLogprob } from '../../engine/native-types.js';
-import { ImageInputError } from '../../images/errors.js';
-import { loadImageBytes, type ImageSourceOptions } from '../../images/image-source.js';
-import { prepareImage, type PrepareOptions } from '../../images/prepare.js';
-import { qwenImageTokens } from '../../images/qwen-resize.js';
-import { badRequest, serviceUnavailable, type ApiError } from './errors.js';
+import type { EngineImage, TokenLogprob } from '../../engine/native-types.js';
+import type { ServingContext } from '../../serving/context.js';
+import { requestDeadline } from '../../serving/deadline.js';
+import { badRequest, serviceUnavailable, type ApiError } from '../../serving/errors.js';
 import {
-  choiceFailure, collectChoices, finishToResponse, SeedSource, startGeneration, usageOf, type Finish,
-} from './generation.js';
-import type { ChatCompletionResponse, ChatCompletionTokenLogprob, Usage } from './protocol.js';
+  admitted, choiceFailure, collectChoices, finishToResponse, SeedSource, startGeneration, usageOf, type Finish,
+} from '../../serving/generation.js';
+import { prepareImages } from '../../serving/images.js';
+import { toTemplateMessages } from '../../serving/prompt.js';
+import type { ChatCompletionResponse, ChatCompletionTokenLogprob, Usage } from '../../serving/protocol.js';
+import { validateChatRequest } from '../../serving/validate.js';
 import { ChatChunkBuilder, SseWriter } from './sse.js';
-import { resolveMaxTokens, validateChatRequest, type ValidatedMessage } from './validate.js';
 
-export { derivedSeed } from './generation.js';
-
-export interface ChatHandlerOptions {
-  engine: Engine;
-  servedModelNames: readonly string[];
-  /** Image resize limits etc. (defaults: HF Qwen2.5-VL's). */
-  imageOptions?: PrepareOptions;
-  /** Where image URLs may be fetched / read from, and the limits on that. */
-  imageSource?: ImageSourceOptions;
-  /** Most images in one request (--limit-mm-per-prompt); default unlimited. */
-  limitImagesPerPrompt?: number;
-  maxLogprobs?: number;
-  /** Most choices per request (`n`): the engine's sequence slots. */
-  maxNumSeqs?: number;
-  /** Per-request context limit (prompt + completion); default engine.info.nCtx. */
-  maxModelLen?: number;
-  /** Server-wide seed (vLLM --seed): requests without `seed` get seeds drawn from it in arrival order. */
-  seed?: number;
-  /** One info log line per request (default true; --disable-log-requests). */
-  logRequests?: boolean;
-  /** False while the server shuts down: new requests get 503. */
-  isAccepting?: () => boolean;
-}
-
-/** Qwen2.5-VL wraps every image in these; mtmd inserts them around the image chunk. */
-const VISION_WRAP = '<|vision_start|><|vision_end|>';
+export { derivedSeed } from '../../serving/generation.js';
 
 export function newCompletionId(): string {
   return `chatcmpl-${randomBytes(16).toString('hex')}`;
-}
-
-/**
- * Messages as the chat template takes them: each image part becomes the media marker at its
- * place, parts are concatenated without separator (what Qwen2.5-VL's HF template renders for
- * list content, and so what vLLM prompts with).
- */
-export function toTemplateMessages(
-  messages: ValidatedMessage[],
-  mediaMarker: string,
-): { templateMessages: ChatTemplateMessage[]; images: { url: string; param: string }[] } {
-  const images: { url: string; param: string }[] = [];
-  const templateMessages = messages.map((m, i) => {
-    let content = '';
-    for (const part of m.parts) {
-      if (part.type === 'text') {
-        if (mediaMarker && part.text.includes(mediaMarker)) {
-          throw badRequest(`message text may not contain the reserved marker ${mediaMarker}`, `messages[${i}].content`);
-        }
-        content += part.text;
-      } else {
-        images.push({ url: part.url, param: part.param });
-        content += mediaMarker;
-      }
-    }
-    return { role: m.role, content };
-  });
-  return { templateMessages, images };
-}
-
-/** Tokens the engine will put in the KV cache for this prompt (text + Qwen2.5-VL image tokens). */
-export function countPromptTokens(engine: Engine, prompt: string, images: EngineImage[]): number {
-  const marker = engine.info.mediaMarker;
-  const text = images.length > 0 && marker ? prompt.split(marker).join(VISION_WRAP) : prompt;
-  let n = engine.tokenize(text, true, true).length;
-  for (const img of images) n += qwenImageTokens(img.width, img.height);
-  return n;
 }
 
 export function clampLogprob(x: number): number {
@@ -106,51 +45,14 @@ export function toOpenAILogprobs(lps: TokenLogprob[], topN: number): ChatComplet
   }));
 }
 
-/** Checks the image count, then loads (data:, http(s), file://) and prepares every image, in parallel. */
-export async function prepareImages(
-  images: { url: string; param: string }[],
-  opts: { imageOptions: PrepareOptions; imageSource: ImageSourceOptions; limit?: number },
-  signal: AbortSignal,
-): Promise<EngineImage[]> {
-  if (opts.limit !== undefined && images.length > opts.limit) {
-    throw badRequest(
-      `At most ${opts.limit} image(s) may be provided in one prompt (--limit-mm-per-prompt), got ${images.length}.`,
-      images[opts.limit]!.param,
-      'too_many_images',
-    );
-  }
-  // The first failure stops the other downloads.
-  const ac = new AbortController();
-  const both = AbortSignal.any([signal, ac.signal]);
-  try {
-    return await Promise.all(
-      images.map(async ({ url, param }) => {
-        try {
-          const bytes = await loadImageBytes(url, opts.imageSource, both);
-          const p = await prepareImage(bytes, opts.imageOptions);
-          return { width: p.width, height: p.height, rgb: p.rgb };
-        } catch (err) {
-          if (err instanceof ImageInputError) throw badRequest(err.message, param, err.code);
-          throw err;
-        }
-      }),
-    );
-  } catch (err) {
-    ac.abort();
-    throw err;
-  }
-}
-
-export function createChatCompletionHandler(opts: ChatHandlerOptions) {
+export function createChatCompletionHandler(opts: ServingContext) {
   const { engine } = opts;
-  const imageOptions = opts.imageOptions ?? {};
-  const imageSource = opts.imageSource ?? {};
-  const maxModelLen = Math.min(opts.maxModelLen ?? engine.info.nCtx, engine.info.nCtx);
+  const { imageOptions, imageSource } = opts;
   const seeds = new SeedSource(opts.seed);
   const logRequests = opts.logRequests ?? true;
 
   return async function chatCompletions(request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
-    if (opts.isAccepting && !opts.isAccepting()) throw serviceUnavailable('The server is shutting down');
+    if (!opts.isAccepting()) throw serviceUnavailable('The server is shutting down');
     const req = validateChatRequest(request.body, {
       servedModelNames: opts.servedModelNames,
       nVocab: engine.info.nVocab,
@@ -189,9 +91,8 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
     } catch (err) {
       throw badRequest(`could not apply the chat template: ${err instanceof Error ? err.message : String(err)}`, 'messages');
     }
-    const promptTokens = countPromptTokens(engine, prompt, images);
-    const maxTokens = resolveMaxTokens(req.maxTokens, promptTokens, maxModelLen);
-    const sampling = seeds.apply({ ...req.sampling, maxTokens });
+    // max_tokens unset: the rest of the context, once the engine has counted the prompt.
+    const sampling = seeds.apply({ ...req.sampling, maxTokens: req.maxTokens ?? -1 });
 
     if (ac.signal.aborted) {
       // The client left while images were being prepared; nobody to answer.
@@ -202,7 +103,20 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
     const id = newCompletionId();
     const created = Math.floor(Date.now() / 1000);
     const n = req.n;
-    const gen = startGeneration(engine, { prompt, images, sampling, n }, ac.signal);
+    const deadline = requestDeadline(request);
+    const failureContext = { deadline, promptParam: 'messages' };
+    const gen = startGeneration(engine, { prompt, images, sampling, n }, AbortSignal.any([ac.signal, deadline]));
+    try {
+      // The engine tokenizes the prompt (images included) and checks it against the context,
+      // once; a prompt it refuses is answered (400) before anything is sent.
+      await admitted(gen, failureContext);
+    } catch (err) {
+      if (ac.signal.aborted) {
+        reply.hijack();
+        return undefined;
+      }
+      throw err;
+    }
     const startedAt = performance.now();
     const logDone = (reason: string, usage: Usage | null): void => {
       if (!logRequests) return;
@@ -216,17 +130,18 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
     if (!req.stream) {
       const choices = await collectChoices(gen);
       const usage = usageOf(choices.map((c) => c.finish));
-      if (choices.some((c) => c.finish.reason === 'abort')) {
+      const aborted = choices.find((c) => c.finish.reason === 'abort');
+      if (aborted) {
         logDone('abort', usage);
         if (ac.signal.aborted) {
           reply.hijack(); // the client is gone
           return undefined;
         }
-        throw serviceUnavailable('The request was aborted by the server');
+        throw choiceFailure(aborted.finish, failureContext)!; // the request's timeout, or the server's cancel
       }
       const failed = choices.find((c) => c.finish.reason === 'error');
       logDone(failed ? 'error' : choices.map((c) => c.finish.reason).join(','), usage);
-      if (failed) throw choiceFailure(failed.finish)!;
+      if (failed) throw choiceFailure(failed.finish, failureContext)!;
       const body: ChatCompletionResponse = {
         id,
         object: 'chat.completion',
@@ -264,7 +179,7 @@ export function createChatCompletionHandler(opts: ChatHandlerOptions) {
         const f = ev.finish;
         if (!f) continue;
         finishes.push(f);
-        const bad = choiceFailure(f);
+        const bad = choiceFailure(f, failureContext);
         if (bad) {
           // One failed choice fails the request: stop the others.
           if (!failure) gen.cancel();

@@ -10,23 +10,23 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine, Generation } from '../../engine/engine.js';
 import type { TokenLogprob } from '../../engine/native-types.js';
 import { clampLogprob } from './chat.js';
-import { badRequest, serviceUnavailable, type ApiError } from './errors.js';
+import { requestDeadline } from '../../serving/deadline.js';
+import { badRequest, serviceUnavailable, type ApiError } from '../../serving/errors.js';
 import {
-  addUsage, choiceFailure, collectChoices, finishToResponse, SeedSource, startGeneration, usageOf, type Finish,
-} from './generation.js';
-import type { CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, Usage } from './protocol.js';
+  addUsage, admitted, choiceFailure, collectChoices, finishToResponse, SeedSource, startGeneration, usageOf, type Finish,
+} from '../../serving/generation.js';
+import type { CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, Usage } from '../../serving/protocol.js';
 import { SseWriter } from './sse.js';
 import type { TokenText } from './tokenize.js';
 import { validateTokenIds } from './tokenize.js';
 import {
-  describe, isObject, num, resolveMaxTokens, validateGenerationFields, type ValidatedGenerationFields,
-} from './validate.js';
+  describe, isObject, num, validateGenerationFields, type ValidatedGenerationFields,
+} from '../../serving/validate.js';
 
 export interface CompletionsHandlerOptions {
   engine: Engine;
   servedModelNames: readonly string[];
   tokenText: TokenText;
-  maxModelLen: number;
   maxLogprobs?: number;
   maxNumSeqs?: number;
   seed?: number;
@@ -127,12 +127,8 @@ export function createCompletionsHandler(opts: CompletionsHandlerOptions) {
     if (opts.isAccepting && !opts.isAccepting()) throw serviceUnavailable('The server is shutting down');
     const req = validateCompletionRequest(request.body, opts);
     const n = req.n;
-    // Measure every prompt before starting any: one that does not fit fails the request.
-    const planned = req.prompts.map((prompt, p) => {
-      const promptTokens = engine.tokenize(prompt, true, true).length;
-      const maxTokens = resolveMaxTokens(req.maxTokens, promptTokens, opts.maxModelLen, req.prompts.length > 1 ? `prompt[${p}]` : 'prompt');
-      return { prompt, sampling: seeds.apply({ ...req.sampling, maxTokens }) };
-    });
+    // max_tokens unset: the rest of the context, once the engine has counted each prompt.
+    const planned = req.prompts.map((prompt) => ({ prompt, sampling: seeds.apply({ ...req.sampling, maxTokens: req.maxTokens ?? -1 }) }));
 
     const ac = new AbortController();
     const res = reply.raw;
@@ -141,11 +137,23 @@ export function createCompletionsHandler(opts: CompletionsHandlerOptions) {
     });
     const id = newTextCompletionId();
     const created = Math.floor(Date.now() / 1000);
+    const deadline = requestDeadline(request);
+    const signal = AbortSignal.any([ac.signal, deadline]);
+    const failureContext = { deadline };
     const gens: Generation[] = [];
     try {
-      for (const p of planned) gens.push(startGeneration(engine, { prompt: p.prompt, images: [], sampling: p.sampling, n }, ac.signal));
+      for (const p of planned) gens.push(startGeneration(engine, { prompt: p.prompt, images: [], sampling: p.sampling, n }, signal));
+      // The engine counts each prompt and checks it against the context: one it refuses fails the
+      // request (the first in order), before anything is sent.
+      const verdicts = await Promise.allSettled(gens.map((g, p) => admitted(g, { deadline, promptParam: req.prompts.length > 1 ? `prompt[${p}]` : 'prompt' })));
+      const refused = verdicts.find((v) => v.status === 'rejected');
+      if (refused) throw refused.reason;
     } catch (err) {
       for (const g of gens) g.cancel();
+      if (ac.signal.aborted) {
+        reply.hijack();
+        return undefined;
+      }
       throw err;
     }
     const startedAt = performance.now();
@@ -163,18 +171,19 @@ export function createCompletionsHandler(opts: CompletionsHandlerOptions) {
       const perPrompt = await Promise.all(gens.map((g) => collectChoices(g)));
       const usage = perPrompt.reduce((u, cs) => addUsage(u, usageOf(cs.map((c) => c.finish))), zero);
       const all = perPrompt.flat();
-      if (all.some((c) => c.finish.reason === 'abort')) {
+      const aborted = all.find((c) => c.finish.reason === 'abort');
+      if (aborted) {
         logDone('abort', usage);
         for (const g of gens) g.cancel();
         if (ac.signal.aborted) {
           reply.hijack();
           return undefined;
         }
-        throw serviceUnavailable('The request was aborted by the server');
+        throw choiceFailure(aborted.finish, failureContext)!; // the request's timeout, or the server's cancel
       }
       const failed = all.find((c) => c.finish.reason === 'error');
       logDone(failed ? 'error' : all.map((c) => c.finish.reason).join(','), usage);
-      if (failed) throw choiceFailure(failed.finish)!;
+      if (failed) throw choiceFailure(failed.finish, failureContext)!;
       const choices: CompletionChoice[] = perPrompt.flatMap((cs, p) => cs.map((c) => ({
         index: p * n + c.index,
         text: c.text,
@@ -212,7 +221,7 @@ export function createCompletionsHandler(opts: CompletionsHandlerOptions) {
           const f = ev.finish;
           if (f) {
             finishes[p]!.push(f);
-            const bad = choiceFailure(f);
+            const bad = choiceFailure(f, failureContext);
             if (bad) {
               if (!failure) for (const g of gens) g.cancel();
               failure ??= bad;

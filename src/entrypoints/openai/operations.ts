@@ -5,18 +5,21 @@
 //   one log line per request  request id, method, path, status, time, and for generations the
 //                           finish reason and token counts; never bodies, never image bytes
 //   x-request-id            a client's (or proxy's) X-Request-Id is kept as the request id and echoed
-// Every generation a request's handler starts (engine.generate, from any route) is measured and
-// timed without the handler's help: the handler runs inside an AsyncLocalStorage scope holding
-// the request's state, the engine tells the app of each new Generation (Engine.onGeneration), and
-// the observer reads its events as the handler reads them (Generation.readThrough, src/metrics/observe.ts).
+// Every generation a request's handler starts (engine.generate, from any route) is measured
+// without the handler's help: the handler runs inside an AsyncLocalStorage scope holding the
+// request's state, the engine tells the app of each new Generation (Engine.onGeneration), and the
+// observer reads its events as the handler reads them (Generation.readThrough, src/metrics/observe.ts).
+// The request timeout is the handler's own business: a deadline signal it gets (serving/deadline.ts).
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { randomUUID } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine, GenerateInput, Generation } from '../../engine/engine.js';
 import { ServerMetrics } from '../../metrics/metrics.js';
+import { setRequestDeadline } from '../../serving/deadline.js';
 import { observeGeneration as observeEvents, type ChoiceSummary } from '../../metrics/observe.js';
-import { ADMISSION_DEFAULTS, Admission, queueFullError, shuttingDownError, timeoutError } from './admission.js';
+import { ADMISSION_DEFAULTS } from '../../config/admission-config.js';
+import { Admission, queueFullError, shuttingDownError, timeoutError } from './admission.js';
 
 export interface OperationsOptions {
   /** --max-num-seqs: requests that run at once (default: the engine's maxSeqs). */
@@ -111,12 +114,9 @@ export function installOperations(app: FastifyInstance, ctx: OperationsContext):
       arrivedAt: st.arrivedAt,
       parsedAt: st.parsedAt,
       images: input.images.length,
-      maxTokens: input.sampling.maxTokens,
-      abortError: () => (st.timedOut ? timeoutError(timeoutMs) : undefined),
+      maxTokens: gen.admission.then((a) => (a.accepted ? a.maxTokens : a.finish.errorKind === 'client' ? null : Math.max(input.sampling.maxTokens, 0))),
       onChoiceFinished: (c) => st.choices.push(c),
     }));
-    // Timed out while its images were being prepared: it ends at once, as a 504.
-    if (st.timedOut) gen.cancel();
   };
   const stopObserving = engine.onGeneration((gen, input) => {
     const st = current.getStore();
@@ -172,10 +172,14 @@ export function installOperations(app: FastifyInstance, ctx: OperationsContext):
     st.admitted = true;
     preprocessing++;
     if (timeoutMs > 0) {
+      // The handler sees the deadline (serving/deadline.ts): it passes it to the engine with its
+      // client's signal and answers an abort after it with its reason, the 504.
+      const deadline = new AbortController();
+      setRequestDeadline(request, deadline.signal);
       st.timer = setTimeout(() => {
         st.timedOut = true;
         metrics.timedOut();
-        for (const g of st.gens) g.cancel();
+        deadline.abort(timeoutError(timeoutMs));
       }, timeoutMs);
       st.timer.unref();
     }

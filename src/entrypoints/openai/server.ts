@@ -8,13 +8,13 @@ import type { Engine } from '../../engine/engine.js';
 import { imageSourceOptionsFromEnv, type ImageSourceOptions } from '../../images/image-source.js';
 import type { PrepareOptions } from '../../images/prepare.js';
 import { LLAMA_CPP_QWEN25VL_LIMITS } from '../../images/qwen-resize.js';
-import { installApiKeyAuth } from './auth.js';
+import { installApiKeyAuth } from '../../serving/auth.js';
 import { createChatCompletionHandler } from './chat.js';
 import { installOperations, requestId, type OperationsOptions } from './operations.js';
-import { ApiError, notFound, toApiError } from './errors.js';
-import type { ModelList } from './protocol.js';
+import { ApiError, notFound, toApiError } from '../../serving/errors.js';
+import type { ModelList } from '../../serving/protocol.js';
 import { registerVllmRoutes } from './vllm-routes.js';
-import { registerWorkflowRoutes, type UploadLimits } from '../../workflows/routes.js';
+import type { ServingContext } from '../../serving/context.js';
 
 export interface ServerOptions {
   engine: Engine;
@@ -22,8 +22,6 @@ export interface ServerOptions {
   servedModelNames: readonly string[];
   /** The model path, reported as `root` in /v1/models. */
   modelPath: string;
-  /** Per-request context limit (prompt + completion) in tokens; default engine.info.nCtx. */
-  maxModelLen?: number;
   /** Largest request body in bytes (base64 images are large); default 64 MiB. */
   bodyLimit?: number;
   /**
@@ -50,8 +48,8 @@ export interface ServerOptions {
   logRequests?: boolean;
   /** Back-pressure, timeouts, /metrics (operations.ts): --max-waiting-requests, --request-timeout ... */
   operations?: OperationsOptions;
-  /** POST /v1/captions upload limits (src/workflows/routes.ts). */
-  uploadLimits?: UploadLimits;
+  /** More routes on the same app and settings (`caprl serve` mounts the workflows' here). */
+  mount?: (app: FastifyInstance, ctx: ServingContext) => void;
 }
 
 export const DEFAULT_BODY_LIMIT = 64 * 1024 * 1024;
@@ -96,7 +94,8 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
   });
 
   const created = Math.floor(Date.now() / 1000);
-  const maxModelLen = Math.min(opts.maxModelLen ?? engine.info.nCtx, engine.info.nCtx);
+  // The engine's per-request limit, checked by the engine itself (once, with the prompt's images).
+  const maxModelLen = engine.info.maxModelLen;
   // /metrics, admission (429/503), --request-timeout, one log line per request.
   installOperations(app, {
     maxNumSeqs: opts.maxNumSeqs,
@@ -111,11 +110,10 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
   const imageOptions = opts.imageOptions ?? { ...LLAMA_CPP_QWEN25VL_LIMITS };
   const imageSource = opts.imageSource ?? imageSourceOptionsFromEnv();
   const limitImagesPerPrompt = opts.limitImagesPerPrompt ?? 999;
-  // One set of handler options for chat and the other vLLM routes.
-  const handlerOptions = {
+  // One set of handler options for chat, the other vLLM routes and whatever is mounted.
+  const handlerOptions: ServingContext = {
     engine,
     servedModelNames: opts.servedModelNames,
-    maxModelLen,
     imageOptions,
     imageSource,
     limitImagesPerPrompt,
@@ -127,19 +125,7 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
   };
   app.post('/v1/chat/completions', createChatCompletionHandler(handlerOptions));
   registerVllmRoutes(app, handlerOptions);
-  // CapRL workflows: POST /v1/captions (uploads), /v1/rewards/caprl and /get_reward (QA reward).
-  registerWorkflowRoutes(app, {
-    engine,
-    servedModelNames: opts.servedModelNames,
-    maxModelLen,
-    imageOptions,
-    imageSource,
-    maxNumSeqs: opts.maxNumSeqs,
-    seed: opts.seed,
-    isAccepting: () => accepting,
-    uploadLimits: opts.uploadLimits,
-    apiKeys: opts.apiKeys,
-  });
+  opts.mount?.(app, handlerOptions);
 
   app.get('/v1/models', async (): Promise<ModelList> => ({
     object: 'list',

@@ -6,10 +6,10 @@
 //   data: [DONE]\n\n
 // With include_usage every chunk carries "usage": null except the last, as OpenAI does.
 import type { ServerResponse } from 'node:http';
-import { toApiError } from './errors.js';
+import { toApiError } from '../../serving/errors.js';
 import type {
   ChatCompletionChunk, ChoiceLogprobs, CompletionChunk, ErrorResponse, ResponseFinishReason, Usage,
-} from './protocol.js';
+} from '../../serving/protocol.js';
 
 export const SSE_DONE = 'data: [DONE]\n\n';
 

@@ -13,12 +13,12 @@
 // of Qwen's special tokens once, and writes those between runs of ordinary tokens.
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine } from '../../engine/engine.js';
-import { qwenImageTokens } from '../../images/qwen-resize.js';
-import { prepareImages, toTemplateMessages } from './chat.js';
-import type { ChatHandlerOptions } from './chat.js';
-import { badRequest } from './errors.js';
-import type { DetokenizeResponse, TokenizeResponse } from './protocol.js';
-import { bool, describe, isObject, validateMessages, validateModelField } from './validate.js';
+import { prepareImages } from '../../serving/images.js';
+import { toTemplateMessages } from '../../serving/prompt.js';
+import type { ServingContext } from '../../serving/context.js';
+import { badRequest } from '../../serving/errors.js';
+import type { DetokenizeResponse, TokenizeResponse } from '../../serving/protocol.js';
+import { bool, describe, isObject, validateMessages, validateModelField } from '../../serving/validate.js';
 
 /** Qwen2 / Qwen2.5-VL added tokens the tokenizer marks special. */
 const QWEN_SPECIAL_TOKENS = [
@@ -69,8 +69,7 @@ export class TokenText {
   }
 }
 
-export interface TokenizeHandlerOptions extends Pick<ChatHandlerOptions, 'engine' | 'servedModelNames' | 'imageOptions' | 'imageSource' | 'limitImagesPerPrompt'> {
-  maxModelLen: number;
+export interface TokenizeHandlerOptions extends Pick<ServingContext, 'engine' | 'servedModelNames' | 'imageOptions' | 'imageSource' | 'limitImagesPerPrompt'> {
   tokenText: TokenText;
 }
 
@@ -120,15 +119,17 @@ export function createTokenizeHandler(opts: TokenizeHandlerOptions) {
       } catch (err) {
         throw badRequest(`could not apply the chat template: ${err instanceof Error ? err.message : String(err)}`, 'messages');
       }
-      if (images.length > 0) {
-        const pad = tokenText.idOf('<|image_pad|>');
-        if (pad === undefined) throw badRequest('this model has no <|image_pad|> token to stand for images', 'messages');
-        const segments = prompt.split(engine.info.mediaMarker);
-        prompt = segments.map((seg, i) => (i === 0 ? seg : (
-          `<|vision_start|>${'<|image_pad|>'.repeat(qwenImageTokens(images[i - 1]!.width, images[i - 1]!.height))}<|vision_end|>${seg}`
-        ))).join('');
+      const pad = images.length > 0 ? tokenText.idOf('<|image_pad|>') : undefined;
+      if (images.length > 0 && pad === undefined) throw badRequest('this model has no <|image_pad|> token to stand for images', 'messages');
+      // As the engine takes the prompt (its own tokenization, images planned by mtmd from their
+      // size): each image stands as <|image_pad|> once per KV cell it takes.
+      let parts: (number[] | number)[];
+      try {
+        parts = engine.tokenizePrompt(prompt, images, addSpecial);
+      } catch (err) {
+        throw badRequest(err instanceof Error ? err.message : String(err), 'messages');
       }
-      tokens = engine.tokenize(prompt, addSpecial, true);
+      tokens = parts.flatMap((p) => (typeof p === 'number' ? new Array<number>(p).fill(pad!) : p));
     } else {
       const prompt = body.prompt;
       if (typeof prompt !== 'string') {
@@ -138,7 +139,7 @@ export function createTokenizeHandler(opts: TokenizeHandlerOptions) {
     }
     return {
       count: tokens.length,
-      max_model_len: opts.maxModelLen,
+      max_model_len: opts.engine.info.maxModelLen,
       tokens,
       token_strs: returnStrs ? tokenText.pieces(tokens) : null,
     };

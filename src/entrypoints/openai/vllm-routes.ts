@@ -2,25 +2,9 @@
 // POST /tokenize, POST /detokenize, GET /version. (/health and /ping live in server.ts.)
 import { readFileSync } from 'node:fs';
 import type { FastifyInstance } from 'fastify';
-import type { Engine } from '../../engine/engine.js';
-import type { ImageSourceOptions } from '../../images/image-source.js';
-import type { PrepareOptions } from '../../images/prepare.js';
+import type { ServingContext } from '../../serving/context.js';
 import { createCompletionsHandler } from './completions.js';
 import { createDetokenizeHandler, createTokenizeHandler, TokenText } from './tokenize.js';
-
-export interface VllmRoutesOptions {
-  engine: Engine;
-  servedModelNames: readonly string[];
-  maxModelLen: number;
-  imageOptions: PrepareOptions;
-  imageSource: ImageSourceOptions;
-  limitImagesPerPrompt?: number;
-  maxLogprobs?: number;
-  maxNumSeqs?: number;
-  seed?: number;
-  logRequests?: boolean;
-  isAccepting: () => boolean;
-}
 
 let cachedVersion: string | undefined;
 
@@ -44,14 +28,13 @@ export function serverVersion(): string {
   return cachedVersion;
 }
 
-export function registerVllmRoutes(app: FastifyInstance, opts: VllmRoutesOptions): void {
+export function registerVllmRoutes(app: FastifyInstance, opts: ServingContext): void {
   const tokenText = new TokenText(opts.engine);
 
   app.post('/v1/completions', createCompletionsHandler({
     engine: opts.engine,
     servedModelNames: opts.servedModelNames,
     tokenText,
-    maxModelLen: opts.maxModelLen,
     maxLogprobs: opts.maxLogprobs,
     maxNumSeqs: opts.maxNumSeqs,
     seed: opts.seed,
@@ -65,7 +48,6 @@ export function registerVllmRoutes(app: FastifyInstance, opts: VllmRoutesOptions
     imageOptions: opts.imageOptions,
     imageSource: opts.imageSource,
     limitImagesPerPrompt: opts.limitImagesPerPrompt,
-    maxModelLen: opts.maxModelLen,
     tokenText,
   }));
   app.post('/detokenize', createDetokenizeHandler({ engine: opts.engine, servedModelNames: opts.servedModelNames, tokenText }));

@@ -6,8 +6,8 @@
 // one device. docs/vllm-parity.md lists every flag with its status.
 import { realpathSync, statSync } from 'node:fs';
 import path from 'node:path';
-import { LLAMA_CPP_QWEN25VL_LIMITS } from '../../images/qwen-resize.js';
-import { CliUsageError, type FlagSpec, type ParsedValue } from '../cli-args.js';
+import { LLAMA_CPP_QWEN25VL_LIMITS } from '../images/qwen-resize.js';
+import { CliUsageError, type FlagSpec, type ParsedValue } from './cli-args.js';
 import { VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, checkGpuMemoryUtilization } from './kv-cache-sizing.js';
 
 /** vLLM V1's default per-modality limit (MultiModalConfig.limit_per_prompt: "999 (V1)"). */

@@ -2,8 +2,8 @@
 // ignored, fields that would change the output in ways we cannot honour yet are refused (400),
 // out-of-range values are refused with `param` naming the field, and absent sampling fields
 // take vLLM's defaults (temperature 1, top_p 1, top_k off, min_p 0, penalties neutral).
-// max_tokens is settled later (resolveMaxTokens) once the prompt's length is known.
-import type { SamplingParams } from '../../engine/native-types.js';
+// max_tokens is settled by the engine, which counts the prompt (unset: the rest of the context).
+import type { SamplingParams } from '../engine/native-types.js';
 import { badRequest, modelNotFound } from './errors.js';
 
 export type PromptPart =
@@ -20,7 +20,7 @@ export interface ValidatedMessage {
 export interface ValidatedGenerationFields {
   /** The served model name to report back. */
   model: string;
-  /** Everything but maxTokens (0 here), settled by resolveMaxTokens; logprobs set by the caller. */
+  /** Everything but maxTokens (0 here), settled with the engine (unset: -1, the rest of the context); logprobs set by the caller. */
   sampling: SamplingParams;
   /** max_completion_tokens ?? max_tokens; null = fill the rest of the context (vLLM). */
   maxTokens: number | null;
@@ -333,30 +333,3 @@ export function validateChatRequest(body: unknown, ctx: ValidationContext): Vali
   };
 }
 
-/**
- * The completion budget once the prompt is measured: the requested max_tokens, or the rest of
- * the context when absent (vLLM). Throws vLLM's 400 when the prompt (plus max_tokens) does not fit.
- */
-export function resolveMaxTokens(
-  requested: number | null, promptTokens: number, maxModelLen: number, promptParam = 'messages',
-): number {
-  if (promptTokens >= maxModelLen) {
-    throw badRequest(
-      `This model's maximum context length is ${maxModelLen} tokens. However, you requested ` +
-      `${promptTokens} tokens in the messages, Please reduce the length of the messages.`,
-      promptParam,
-      'context_length_exceeded',
-    );
-  }
-  if (requested === null) return maxModelLen - promptTokens;
-  if (promptTokens + requested > maxModelLen) {
-    throw badRequest(
-      `This model's maximum context length is ${maxModelLen} tokens. However, you requested ` +
-      `${promptTokens + requested} tokens (${promptTokens} in the messages, ${requested} in the completion). ` +
-      'Please reduce the length of the messages or completion.',
-      'max_tokens',
-      'context_length_exceeded',
-    );
-  }
-  return requested;
-}

@@ -1,9 +1,11 @@
-// What chat and text completions share once a prompt is ready: handing it to the engine (n
-// choices from one prefill), collecting the choices of a non-streamed request, usage (the prompt
-// once, plus every choice's completion, as vLLM counts), and finish reasons.
-import type { Engine, Generation } from '../../engine/engine.js';
-import type { EngineEvent, EngineImage, FinishReason, SamplingParams, TokenLogprob } from '../../engine/native-types.js';
-import { internalError, serviceUnavailable, type ApiError } from './errors.js';
+// What every route that generates shares once a prompt is ready (chat and text completions, the
+// workflows' captions, answers and rewards): handing it to the engine (n choices from one
+// prefill), the engine's verdict on the prompt, collecting the choices of a non-streamed request,
+// usage (the prompt once, plus every choice's completion, as vLLM counts), finish reasons, and
+// the error a failed choice is answered with.
+import type { Engine, Generation } from '../engine/engine.js';
+import type { EngineEvent, EngineImage, FinishReason, PromptAccepted, SamplingParams, TokenLogprob } from '../engine/native-types.js';
+import { ApiError, badRequest, internalError, serviceUnavailable } from './errors.js';
 import type { ResponseFinishReason, Usage } from './protocol.js';
 
 export type Finish = NonNullable<EngineEvent['finish']>;
@@ -86,9 +88,43 @@ export async function collectChoices(gen: Generation): Promise<ChoiceResult[]> {
   return choices;
 }
 
-/** The error a failed choice turns into (abort: the server cancelled it; error: the engine failed). */
-export function choiceFailure(f: Finish): ApiError | null {
-  if (f.reason === 'error') return internalError(`Generation failed: ${f.error ?? 'unknown engine error'}`);
-  if (f.reason === 'abort') return serviceUnavailable('The request was aborted by the server');
+/** What a choice's failure is answered with, besides the finish: the request's deadline and its prompt's field. */
+export interface FailureContext {
+  /** The request's deadline (serving/deadline.ts): an abort after it passed is its timeout. */
+  deadline?: AbortSignal;
+  /** The request field the prompt came in ('messages', 'prompt', 'prompt[2]'), for a fault in the prompt. */
+  promptParam?: string;
+}
+
+/**
+ * The error a failed choice turns into: for an engine error, by whose fault it was (a client fault
+ * is a 400 naming the field, capacity a 503, anything else a 500); for an abort, the request's
+ * timeout if its deadline passed, else the server's cancel (503). Null for a choice that did not fail.
+ */
+export function choiceFailure(f: Finish, ctx: FailureContext = {}): ApiError | null {
+  if (f.reason === 'error') {
+    const message = f.error ?? 'unknown engine error';
+    if (f.errorKind === 'client') {
+      const param = f.errorParam === 'prompt' || f.errorParam === undefined ? ctx.promptParam ?? 'prompt' : f.errorParam;
+      return badRequest(message, param, f.errorCode ?? null);
+    }
+    if (f.errorKind === 'capacity') return serviceUnavailable(message);
+    return internalError(`Generation failed: ${message}`);
+  }
+  if (f.reason === 'abort') {
+    if (ctx.deadline?.aborted && ctx.deadline.reason instanceof ApiError) return ctx.deadline.reason;
+    return serviceUnavailable('The request was aborted by the server');
+  }
   return null;
+}
+
+/**
+ * Waits for the engine's verdict on a generation's prompt (counted once, by the engine, images
+ * included): its counts if accepted, else the error its first finish names (choiceFailure).
+ */
+export async function admitted(gen: Generation, ctx: FailureContext = {}): Promise<PromptAccepted> {
+  const a = await gen.admission;
+  if (a.accepted) return a;
+  gen.cancel();
+  throw choiceFailure(a.finish, ctx) ?? serviceUnavailable('The request was aborted by the server');
 }

@@ -2,8 +2,8 @@
 // --gpu-memory-utilization (default 0.9) of the GPU that holds the cache. --kv-cache-tokens (ours,
 // llama-server's -c) wins over both. Where no GPU holds the cache, vLLM ignores
 // --gpu-memory-utilization, and so do we: the cache then holds a token count.
-import type { EngineOptions, GpuDevice, KvCacheInfo, VisionEncoderInfo } from '../../engine/native-types.js';
-import { CliUsageError } from '../cli-args.js';
+import type { EngineOptions, GpuDevice, KvCacheInfo, VisionEncoderInfo } from '../engine/native-types.js';
+import { CliUsageError } from './cli-args.js';
 
 export const VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9;
 /** The cache in tokens where no flag and no GPU size it (at least one --max-model-len request). */

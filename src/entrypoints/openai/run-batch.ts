@@ -9,14 +9,14 @@ import { randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { createInterface } from 'node:readline';
 import type { FastifyInstance } from 'fastify';
-import type { Engine } from '../engine/engine.js';
-import { CliFatalError, CliUsageError, int, parseArgsOrHelp, positiveInt, requireStr, str, type CommandSpec } from '../entrypoints/cli-args.js';
-import { buildServer } from '../entrypoints/openai/server.js';
-import { engineFlags, openEngineFromFlags, stopSignals } from './cli-common.js';
-import { errorMessage } from './errors.js';
-import { JsonlAppender, type JsonRecord } from './jsonl-writer.js';
-import { runPool } from './pool.js';
-import { RunProgress, formatDuration, formatRate, type ProgressSink } from './progress.js';
+import type { Engine } from '../../engine/engine.js';
+import { CliFatalError, CliUsageError, int, parseArgsOrHelp, positiveInt, requireStr, str, type CommandSpec } from '../../config/cli-args.js';
+import { buildServer } from './server.js';
+import { engineFlags, openEngineFromFlags, stopSignals } from '../../workflows/cli-common.js';
+import { errorMessage } from '../../workflows/errors.js';
+import { JsonlAppender, type JsonRecord } from '../../workflows/jsonl-writer.js';
+import { runPool } from '../../workflows/pool.js';
+import { RunProgress, formatDuration, formatRate, type ProgressSink } from '../../workflows/progress.js';
 
 export const SUPPORTED_BATCH_URLS = ['/v1/chat/completions'] as const;
 
@@ -234,7 +234,6 @@ export async function runRunBatchCommand(argv: readonly string[]): Promise<numbe
       engine: engine as Engine,
       servedModelNames: cfg.servedModelNames,
       modelPath: cfg.model,
-      maxModelLen: cfg.maxModelLen,
       seed: int(v, 'seed'),
     });
     await app.ready();
