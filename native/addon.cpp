@@ -199,24 +199,24 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         Napi::Env env = info.Env();
         Napi::Object o = require_object(info[0], "options");
         if (!info[1].IsFunction()) throw Napi::TypeError::New(env, "onEvents must be a function");
-        EngineOptions opts;
+        EngineOptions opts;  // each field's default is its own (native/types.h)
         opts.model = get_string(o, "model");
         opts.mmproj = get_string(o, "mmproj");
-        opts.n_ctx = (uint32_t) get_number(o, "nCtx", 0);
-        opts.kv_cache_bytes = (uint64_t) get_number(o, "kvCacheBytes", 0);
-        opts.memory_fraction = get_number(o, "memoryFraction", 0);
-        opts.max_model_len = (uint32_t) get_number(o, "maxModelLen", 0);
+        opts.n_ctx = (uint32_t) get_number(o, "nCtx", opts.n_ctx);
+        opts.kv_cache_bytes = (uint64_t) get_number(o, "kvCacheBytes", (double) opts.kv_cache_bytes);
+        opts.memory_fraction = get_number(o, "memoryFraction", opts.memory_fraction);
+        opts.max_model_len = (uint32_t) get_number(o, "maxModelLen", opts.max_model_len);
         const double max_seqs = get_number(o, "maxSeqs", opts.max_seqs);
         if (!(max_seqs >= 0 && max_seqs <= 65536)) throw Napi::RangeError::New(env, "maxSeqs must be 0 (fit the KV cache) or positive");
         opts.max_seqs = (uint32_t) max_seqs;
         opts.n_batch = (uint32_t) get_number(o, "nBatch", opts.n_batch);
         opts.n_ubatch = (uint32_t) get_number(o, "nUbatch", opts.n_ubatch);
-        opts.n_threads = (int32_t) get_number(o, "nThreads", 0);
-        opts.n_vision_threads = (int32_t) get_number(o, "nVisionThreads", 0);
-        opts.n_sampling_threads = (int32_t) get_number(o, "nSamplingThreads", 0);
-        opts.n_gpu_layers = (int32_t) get_number(o, "nGpuLayers", -1);
-        opts.chat_template = get_string(o, "chatTemplate");
-        opts.log_level = get_string(o, "logLevel", "warn");
+        opts.n_threads = (int32_t) get_number(o, "nThreads", opts.n_threads);
+        opts.n_vision_threads = (int32_t) get_number(o, "nVisionThreads", opts.n_vision_threads);
+        opts.n_sampling_threads = (int32_t) get_number(o, "nSamplingThreads", opts.n_sampling_threads);
+        opts.n_gpu_layers = (int32_t) get_number(o, "nGpuLayers", opts.n_gpu_layers);
+        opts.chat_template = get_string(o, "chatTemplate", opts.chat_template);
+        opts.log_level = get_string(o, "logLevel", opts.log_level);
         opts.image_cache_bytes = (size_t) get_number(o, "imageCacheBytes", (double) opts.image_cache_bytes);
         opts.vision_encoder = get_string(o, "visionEncoder", opts.vision_encoder);
         if (opts.vision_encoder != "llama.cpp" && opts.vision_encoder != "caprl") {
@@ -391,28 +391,12 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         Napi::Env env = info.Env();
         EngineStats s = engine(env).stats();
         Napi::Object o = Napi::Object::New(env);
-        o.Set("steps", (double) s.steps);
-        o.Set("lastBatchSeqs", s.last_batch_seqs);
-        o.Set("maxBatchSeqs", s.max_batch_seqs);
-        o.Set("decodedSeqsTotal", (double) s.decoded_seqs_total);
-        o.Set("running", s.running);
-        o.Set("waiting", s.waiting);
-        o.Set("kvUsedCells", s.kv_used_cells);
-        o.Set("kvTotalCells", s.kv_total_cells);
-        o.Set("promptTokensTotal", (double) s.prompt_tokens_total);
-        o.Set("generationTokensTotal", (double) s.generation_tokens_total);
-        o.Set("preemptions", (double) s.preemptions);
-        o.Set("streamMoves", (double) s.stream_moves);
-        o.Set("imageCacheHits", (double) s.image_cache_hits);
-        o.Set("imageCacheMisses", (double) s.image_cache_misses);
+#define CAPRL_STAT_SET(type, name, js) o.Set(js, (double) s.name);
+        CAPRL_ENGINE_STATS(CAPRL_STAT_SET)
+#undef CAPRL_STAT_SET
         Napi::Array step_tokens = Napi::Array::New(env, s.step_tokens.size());
         for (size_t k = 0; k < s.step_tokens.size(); k++) step_tokens.Set((uint32_t) k, (double) s.step_tokens[k]);
         o.Set("stepTokens", step_tokens);
-        o.Set("stepTokensSum", (double) s.step_tokens_sum);
-        o.Set("busySeconds", s.busy_seconds);
-        o.Set("modelSeconds", s.model_seconds);
-        o.Set("sampleSeconds", s.sample_seconds);
-        o.Set("cpuWaitSeconds", s.cpu_wait_seconds);
         return o;
     }
 
@@ -467,10 +451,19 @@ Napi::Value GpuDevices(const Napi::CallbackInfo & info) {
     return out;
 }
 
+// The engine's limits, where JS states them (help texts, the --max-num-seqs cap).
+Napi::Value EngineLimits(const Napi::CallbackInfo & info) {
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("maxSeqs", (double) llama_max_parallel_sequences());
+    o.Set("autoMinSeqs", kAutoMinSeqs);
+    return o;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
     exports.Set("Engine", EngineWrap::Init(env));
     exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
     exports.Set("gpuDevices", Napi::Function::New(env, GpuDevices));
+    exports.Set("engineLimits", Napi::Function::New(env, EngineLimits));
     exports.Set("VisionEncoder", vision_encoder_class(env));
     exports.Set("resizeRgb", resize_rgb_function(env));
     return exports;

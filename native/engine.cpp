@@ -22,10 +22,6 @@ namespace {
 
 int log_threshold = GGML_LOG_LEVEL_WARN;
 
-// The fewest sequences max_seqs 0 gives (the old fixed default): a cache too small to give each
-// of them a stream at --max-model-len is shared by them, admitted and preempted against.
-constexpr uint32_t kAutoMinSeqs = 16;
-
 int parse_log_level(const std::string & s) {
     if (s == "none") return GGML_LOG_LEVEL_CONT + 1;
     if (s == "error") return GGML_LOG_LEVEL_ERROR;

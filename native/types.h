@@ -112,6 +112,10 @@ struct Event {
     std::optional<Finish> finish;
 };
 
+// The fewest sequences max_seqs 0 gives (the old fixed default): a cache too small to give each
+// of them a KV stream at max_model_len is shared by them, admitted and preempted against.
+constexpr uint32_t kAutoMinSeqs = 16;
+
 struct EngineOptions {
     std::string model;
     std::string mmproj;
@@ -133,32 +137,42 @@ struct EngineOptions {
     std::string vision_encoder = "llama.cpp";  // or "caprl": our batched Qwen2.5-VL encoder (native/qwen-vision-encoder.cpp)
 };
 
+// EngineStats' numbers, one line each (C++ type, field, JS name): the struct and the addon's
+// marshalling (native/addon.cpp) are made from this list, so a statistic is added here, where the
+// engine counts it (Engine::stats), and on the JS side (src/engine/native-types.ts, src/metrics/).
+#define CAPRL_ENGINE_STATS(X)                                                                              \
+    X(uint64_t, steps, "steps")                                                                            \
+    X(uint32_t, last_batch_seqs, "lastBatchSeqs")                                                          \
+    X(uint32_t, max_batch_seqs, "maxBatchSeqs")                                                            \
+    X(uint64_t, decoded_seqs_total, "decodedSeqsTotal")                                                    \
+    X(uint32_t, running, "running")                                                                        \
+    X(uint32_t, waiting, "waiting")                                                                        \
+    X(uint32_t, kv_used_cells, "kvUsedCells")                                                              \
+    X(uint32_t, kv_total_cells, "kvTotalCells")                                                            \
+    X(uint64_t, prompt_tokens_total, "promptTokensTotal")                                                  \
+    X(uint64_t, generation_tokens_total, "generationTokensTotal")                                          \
+    X(uint64_t, preemptions, "preemptions")                                                                \
+    /* per-sequence KV: sequences moved to a lower id (stream copied) */                                   \
+    X(uint64_t, stream_moves, "streamMoves")                                                               \
+    X(uint64_t, image_cache_hits, "imageCacheHits")                                                        \
+    X(uint64_t, image_cache_misses, "imageCacheMisses")                                                    \
+    X(uint64_t, step_tokens_sum, "stepTokensSum")                                                          \
+    /* engine-thread time in steps that had sequences running, and the parts of it in the model */         \
+    /* (llama_decode of image rows and of the batch, until its logits are ready) and in the draws; */      \
+    /* cpu wait: encoder passes run by the engine thread while steps waited (model and vision both */      \
+    /* on the CPU); the rest is host work (scheduling, batch building, events) */                          \
+    X(double, busy_seconds, "busySeconds")                                                                 \
+    X(double, model_seconds, "modelSeconds")                                                               \
+    X(double, sample_seconds, "sampleSeconds")                                                             \
+    X(double, cpu_wait_seconds, "cpuWaitSeconds")
+
 struct EngineStats {
-    uint64_t steps = 0;
-    uint32_t last_batch_seqs = 0;
-    uint32_t max_batch_seqs = 0;
-    uint64_t decoded_seqs_total = 0;
-    uint32_t running = 0;
-    uint32_t waiting = 0;
-    uint32_t kv_used_cells = 0;
-    uint32_t kv_total_cells = 0;
-    uint64_t prompt_tokens_total = 0;
-    uint64_t generation_tokens_total = 0;
-    uint64_t preemptions = 0;
-    uint64_t stream_moves = 0;  // per-sequence KV: sequences moved to a lower id (stream copied)
-    uint64_t image_cache_hits = 0;
-    uint64_t image_cache_misses = 0;
+#define CAPRL_STAT_FIELD(type, name, js) type name = 0;
+    CAPRL_ENGINE_STATS(CAPRL_STAT_FIELD)
+#undef CAPRL_STAT_FIELD
     // Tokens per engine step (prompt, decode and image-embedding rows decoded): step_tokens[k] counts
     // the steps with 2^(k-1) < tokens <= 2^k (k = 0: one token), so any power-of-two buckets are exact.
     std::array<uint64_t, 32> step_tokens{};
-    uint64_t step_tokens_sum = 0;
-    // Engine-thread time in steps that had sequences running, and the parts of it spent in the
-    // model (llama_decode of image rows and of the batch, until its logits are ready) and in the
-    // draws; the rest is host work (scheduling, batch building, events).
-    double busy_seconds = 0;
-    double model_seconds = 0;
-    double sample_seconds = 0;
-    double cpu_wait_seconds = 0;  // of the busy seconds: encoder passes run by the engine thread while steps waited (model and vision both on the CPU)
 };
 
 }  // namespace caprl

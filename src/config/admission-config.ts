@@ -14,8 +14,6 @@ export const ADMISSION_DEFAULTS = {
   shutdownTimeout: 25,
   /** Seconds a refused client is told to wait. */
   retryAfter: 1,
-  /** --max-num-seqs default (serve.ts), when the caller does not say. */
-  maxNumSeqs: 16,
 } as const;
 
 export const ADMISSION_FLAGS: FlagSpec[] = [

@@ -16,10 +16,11 @@ export const MODEL_SOURCE_FLAGS: FlagSpec[] = [
   { name: 'quantization', aliases: ['q'], type: 'string', dest: 'quantization', metavar: 'TYPE', help: 'quantize when converting safetensors: q8_0 (q4_k_m and other k-quants: not supported yet)' },
 ];
 
-/** llama.cpp's limit on sequences in one context (llama_max_parallel_sequences). */
-export const MAX_NUM_SEQS = 256;
-/** The fewest sequences the default gives (native/engine.cpp kAutoMinSeqs). */
-export const AUTO_MIN_NUM_SEQS = 16;
+/**
+ * The engine's limits, as it states them: MAX_NUM_SEQS is llama.cpp's most sequences in one
+ * context, AUTO_MIN_NUM_SEQS the fewest that --max-num-seqs' default gives.
+ */
+export const { maxSeqs: MAX_NUM_SEQS, autoMinSeqs: AUTO_MIN_NUM_SEQS } = loadAddon().engineLimits();
 
 export const SERVE_DEFAULTS = {
   port: 8000,

@@ -338,6 +338,8 @@ export interface NativeAddon {
   buildInfo(): { llamaCommit: string; cuda: boolean; system: string };
   /** The GPUs this build sees, before any engine is created. */
   gpuDevices(): GpuDevice[];
+  /** The engine's limits: most sequences (llama.cpp's), and the fewest that maxSeqs 0 gives. */
+  engineLimits(): { maxSeqs: number; autoMinSeqs: number };
   /** A vision encoder on its own, for tests and benchmarks comparing ours with llama.cpp's. */
   VisionEncoder: NativeVisionEncoderConstructor;
   /**

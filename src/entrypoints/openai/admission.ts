@@ -8,7 +8,6 @@
 // wait (in the engine's queue, or in image preparation); the next one is refused with 429,
 // a Retry-After header and OpenAI's error object, at once, so clients and load balancers can
 // back off or go elsewhere instead of queueing without bound.
-import { ADMISSION_DEFAULTS } from '../../config/admission-config.js';
 import { ApiError } from '../../serving/errors.js';
 
 /** Counts requests in the server against max running + max waiting. */
@@ -16,8 +15,8 @@ export class Admission {
   private inFlight = 0;
 
   constructor(
-    readonly maxRunning: number = ADMISSION_DEFAULTS.maxNumSeqs,
-    readonly maxWaiting: number = ADMISSION_DEFAULTS.maxWaitingRequests,
+    readonly maxRunning: number,
+    readonly maxWaiting: number,
   ) {}
 
   get capacity(): number {

@@ -87,7 +87,7 @@ function isGenerationRoute(request: FastifyRequest): boolean {
 export function installOperations(app: FastifyInstance, ctx: OperationsContext): Operations {
   const { engine } = ctx;
   const admission = new Admission(
-    ctx.maxNumSeqs ?? engine.info.maxSeqs ?? ADMISSION_DEFAULTS.maxNumSeqs,
+    ctx.maxNumSeqs ?? engine.info.maxSeqs,
     ctx.maxWaitingRequests ?? ADMISSION_DEFAULTS.maxWaitingRequests,
   );
   const retryAfter = ctx.retryAfterSeconds ?? ADMISSION_DEFAULTS.retryAfter;
