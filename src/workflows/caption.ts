@@ -7,7 +7,6 @@
 import type { Engine, Generation } from '../engine/engine.js';
 import type { EngineImage, SamplingParams } from '../engine/native-types.js';
 import { choiceFailure, collectChoices, derivedSeed, finishToResponse, startGeneration, usageOf } from '../serving/generation.js';
-import { ApiError } from '../serving/errors.js';
 import { toTemplateMessages } from '../serving/prompt.js';
 import { validateChatRequest } from '../serving/validate.js';
 import type { ImageFormat } from '../images/decode-data-uri.js';

@@ -10,7 +10,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import multipart from '@fastify/multipart';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import type { Engine } from '../engine/engine.js';
 import type { EngineImage } from '../engine/native-types.js';
 import { checkBearer, unauthorized } from '../serving/auth.js';
 import type { ServingContext } from '../serving/context.js';
@@ -20,9 +19,7 @@ import { SeedSource, addUsage, admitted } from '../serving/generation.js';
 import { prepareImages } from '../serving/images.js';
 import type { Usage } from '../serving/protocol.js';
 import { describe, isObject, validateChatRequest, validateModelField } from '../serving/validate.js';
-import type { ImageSourceOptions } from '../images/image-source.js';
 import { sniffImageFormat } from '../images/decode-data-uri.js';
-import type { PrepareOptions } from '../images/prepare.js';
 import { EngineAnswerer, answerSettings } from './answerer.js';
 import { DEFAULT_CAPTION_PROMPT, EngineCaptioner, type CaptionResult, type PreparedCaption } from './caption.js';
 import { RecordError } from './errors.js';
