@@ -186,7 +186,6 @@ void Engine::load() {
         llama_model_free(model_);
         throw std::runtime_error("failed to create llama context (KV cache of " + std::to_string(cp.n_ctx) + " tokens)");
     }
-    opts_.n_batch = llama_n_batch(ctx_);
     info_.max_model_len = opts_.max_model_len > 0 ? std::min(opts_.max_model_len, llama_n_ctx_seq(ctx_)) : llama_n_ctx_seq(ctx_);
     const ContextBytes live = context_bytes(ctx_, kv_dev);
     info_.kv_cache.tokens = llama_n_ctx(ctx_);
@@ -269,7 +268,6 @@ Engine::Engine(const EngineOptions & opts, EventSink sink) : opts_(opts) {
     prep_ctx_.vocab = vocab_;
     prep_ctx_.mtmd = mtmd_;
     prep_ctx_.placeholder_images = caprl_vision_ != nullptr;
-    prep_ctx_.max_model_len = info_.max_model_len;
     prep_ = std::make_unique<PromptPrep>(prep_ctx_, [this] { wake_from_worker(); });
     io_ = std::make_unique<ThreadsIo>(*prep_, vision_.get());
 

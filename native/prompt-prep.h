@@ -38,7 +38,6 @@ struct PromptPrepContext {
     const llama_vocab * vocab = nullptr;
     mtmd_context * mtmd = nullptr;          // null: a text-only model
     bool placeholder_images = false;        // our encoder preprocesses the pixels itself: mtmd plans from the size
-    uint32_t max_model_len = 0;
 };
 
 // Tokenizes the prompt (images through mtmd) and checks it: the prompt-prep thread's work. With

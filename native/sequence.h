@@ -8,6 +8,7 @@
 #include "sampler.h"
 #include "text-stream.h"
 #include "types.h"
+#include "vision-worker.h"  // SharedChunks
 
 #include <chrono>
 #include <memory>
@@ -16,8 +17,6 @@
 #include <vector>
 
 namespace caprl {
-
-using SharedChunks = std::shared_ptr<mtmd_input_chunks>;
 
 // A piece of the prompt: text tokens, or an image chunk owned by the prompt's chunks. Sizes are
 // read from mtmd once, when the prompt is prepared, so that the scheduler never calls into mtmd.
